@@ -1,0 +1,446 @@
+"""
+Install and switch releases on a node.
+
+A node keeps its releases under ``deploy_to``::
+
+    deploy_to/
+      releases/<release name>/   one folder per release, code read-only to the app user
+      shared/<path>/             state that outlives releases, writable by the app user
+      current -> releases/<name> switched atomically (temp symlink + rename(2))
+
+The node's settings come from pillar ``release:<project>`` (deploy_to, user,
+shared, keep_releases) and are kept in the minion's cache at install time, so
+``salt-call --local release.list <project>`` works with the master down.
+
+This module stands alone (standard library and Salt): minions receive it by
+``saltutil.sync_all`` or from the ``salt_release`` pip package.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import pwd
+import shutil
+import tarfile
+import time
+
+from salt.exceptions import CommandExecutionError
+
+try:  # installed with pip: salt_release is an ordinary package
+    from salt_release.utils import release_contract as contract
+except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
+    import release_contract as contract
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "release"
+
+ARTIFACT_HASH_FILE = ".artifact.sha256"
+PARTIAL_SUFFIX = ".partial"
+
+
+def __virtual__():
+    if not hasattr(tarfile, "data_filter"):
+        return (False, "release: needs a Python whose tarfile has the 'data' filter (3.8.17+, 3.11.4+)")
+    return __virtualname__
+
+
+# ---------------------------------------------------------------- settings
+
+
+def _cache_path(project):
+    return os.path.join(__opts__["cachedir"], "release", f"{project}.json")
+
+
+def _read_cache(project):
+    try:
+        with open(_cache_path(project), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(project, data):
+    path = _cache_path(project)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _settings(project):
+    """
+    The node's view of a project: pillar first, else what the last install
+    recorded (the master may be down).
+    """
+    if not project or "/" in project or project.startswith("."):
+        raise CommandExecutionError(f"bad project name: {project!r}")
+    pillar = (__pillar__.get("release") or {}).get(project) or {}
+    cached = _read_cache(project)
+    deploy_to = pillar.get("deploy_to") or cached.get("deploy_to")
+    if not deploy_to:
+        raise CommandExecutionError(
+            f"no release:{project}:deploy_to in this node's pillar and no record of an earlier install"
+        )
+    if not os.path.isabs(deploy_to):
+        raise CommandExecutionError(f"release:{project}:deploy_to must be absolute, got {deploy_to!r}")
+    shared = pillar.get("shared", cached.get("shared", []))
+    for path in shared:
+        _check_relative(path, "shared path")
+    return {
+        "deploy_to": deploy_to,
+        "user": pillar.get("user", cached.get("user")),
+        "shared": list(shared),
+        "keep_releases": int(pillar.get("keep_releases", cached.get("keep_releases", 5))),
+    }
+
+
+def _remember(project, settings, **state):
+    """Record settings and node state (current, previous, fence token) in the cache."""
+    cached = _read_cache(project)
+    cached.update(settings)
+    cached.update(state)
+    _write_cache(project, cached)
+
+
+def _check_relative(path, what):
+    parts = str(path).split("/")
+    if not path or os.path.isabs(path) or ".." in parts:
+        raise CommandExecutionError(f"{what} must be relative and stay inside the release: {path!r}")
+
+
+def _check_name(name):
+    if not contract.is_release_name(name):
+        raise CommandExecutionError(
+            f"'{name}' is not a release name (project_env_version_branch_YYYY-MM-DD_HHMMSS_author)"
+        )
+
+
+def _app_ids(settings):
+    user = settings.get("user")
+    if not user:
+        return os.getuid(), os.getgid()
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise CommandExecutionError(f"app user '{user}' does not exist on this node")
+    return entry.pw_uid, entry.pw_gid
+
+
+# ---------------------------------------------------------------- layout
+
+
+def _paths(settings):
+    root = settings["deploy_to"]
+    return {
+        "root": root,
+        "releases": os.path.join(root, "releases"),
+        "shared": os.path.join(root, "shared"),
+        "current": os.path.join(root, "current"),
+    }
+
+
+def _ensure_layout(settings):
+    paths = _paths(settings)
+    for key in ("root", "releases", "shared"):
+        try:
+            os.makedirs(paths[key], mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise CommandExecutionError(f"cannot create {paths[key]}: {exc.strerror}")
+        if not os.access(paths[key], os.W_OK):
+            raise CommandExecutionError(f"{paths[key]} is not writable")
+    return paths
+
+
+def _current_name(paths):
+    """The release ``current`` points at, or None."""
+    if not os.path.islink(paths["current"]):
+        return None
+    return os.path.basename(os.readlink(paths["current"]).rstrip("/"))
+
+
+def _release_names(paths):
+    try:
+        entries = os.listdir(paths["releases"])
+    except FileNotFoundError:
+        return []
+    names = [
+        e for e in entries
+        if contract.is_release_name(e) and os.path.isdir(os.path.join(paths["releases"], e))
+    ]
+    return sorted(names, key=contract.release_sort_key)
+
+
+# ---------------------------------------------------------------- events
+
+
+def _fire(project, env, phase, release, started, error=None, **extra):
+    """Report a phase on the master's event bus (not when running masterless)."""
+    if __opts__.get("file_client") == "local" or __opts__.get("master_type") == "disable":
+        return
+    tag = contract.event_tag(project, env or "manual", __opts__["id"], phase)
+    data = contract.phase_event(release, error is None, time.monotonic() - started, error, **extra)
+    try:
+        __salt__["event.send"](tag, data)
+    except Exception as exc:  # pylint: disable=broad-except
+        log.warning("release: could not send event %s: %s", tag, exc)
+
+
+def _reported(project, env, phase, release):
+    """Wrap a phase: run ``work``, time it and report it on the bus, failed or not."""
+
+    def run(work):
+        started = time.monotonic()
+        try:
+            result = work()
+        except CommandExecutionError as exc:
+            _fire(project, env, phase, release, started, error=str(exc))
+            raise
+        result["duration_s"] = round(time.monotonic() - started, 3)
+        _fire(project, env, phase, release, started, **_event_extra(result))
+        return result
+
+    return run
+
+
+def _event_extra(result):
+    return {k: result[k] for k in ("previous", "changed") if k in result}
+
+
+# ---------------------------------------------------------------- install
+
+
+def _fetch(source):
+    cached = __salt__["cp.cache_file"](source)
+    if not cached:
+        raise CommandExecutionError(f"could not fetch {source} from the master")
+    return cached
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify(path, source_hash):
+    expected = source_hash.split("=", 1)[-1].lower()
+    actual = _sha256(path)
+    if actual != expected:
+        raise CommandExecutionError(
+            f"checksum mismatch for {os.path.basename(path)}: expected sha256 {expected}, got {actual}"
+        )
+
+
+def _unpack(archive, dest):
+    """
+    Extract into a fresh empty folder with tarfile's 'data' filter, which
+    refuses absolute paths, '..', links leaving the tree, devices and fifos,
+    and clears setuid and group/other write bits.
+    """
+    os.mkdir(dest, 0o755)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise CommandExecutionError(f"refused to unpack {os.path.basename(archive)}: {exc}")
+
+
+def _read_manifest(release_dir, name):
+    path = os.path.join(release_dir, contract.MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CommandExecutionError(f"release {name} has no readable {contract.MANIFEST_NAME}: {exc}")
+    problems = contract.validate_manifest(manifest, name)
+    if problems:
+        raise CommandExecutionError(f"release {name}: " + "; ".join(problems))
+    return manifest
+
+
+def _link_shared(release_dir, paths, settings):
+    """Replace each shared path in the release by a link into shared/."""
+    uid, gid = _app_ids(settings)
+    for rel in settings["shared"]:
+        shared_path = os.path.join(paths["shared"], rel)
+        if not os.path.isdir(shared_path):
+            os.makedirs(shared_path, mode=0o755)
+            os.chown(shared_path, uid, gid)
+        in_release = os.path.join(release_dir, rel)
+        if os.path.islink(in_release) or os.path.isfile(in_release):
+            os.unlink(in_release)
+        elif os.path.isdir(in_release):
+            shutil.rmtree(in_release)
+        os.makedirs(os.path.dirname(in_release), mode=0o755, exist_ok=True)
+        os.symlink(os.path.relpath(shared_path, os.path.dirname(in_release)), in_release)
+
+
+def _protect(release_dir):
+    """
+    Code belongs to the deploying user (root) and is read-only to everyone
+    else: the app user can read it and write only through shared/ links.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    for root, dirs, files in os.walk(release_dir):
+        for entry in [root] + [os.path.join(root, f) for f in files + dirs]:
+            os.lchown(entry, uid, gid)
+            if not os.path.islink(entry):
+                os.chmod(entry, os.lstat(entry).st_mode & 0o755)
+
+
+def _unpacked_release(paths, name, source, source_hash, settings):
+    """Fetch, verify and unpack into releases/<name>.partial, then rename it in place."""
+    target = os.path.join(paths["releases"], name)
+    partial = target + PARTIAL_SUFFIX
+    archive = _fetch(source)
+    _verify(archive, source_hash)
+    if os.path.lexists(partial):
+        shutil.rmtree(partial)  # a leftover of an interrupted install of this very release
+    _unpack(archive, partial)
+    try:
+        _read_manifest(partial, name)
+        _link_shared(partial, paths, settings)
+        _protect(partial)
+        with open(os.path.join(partial, ARTIFACT_HASH_FILE), "w", encoding="utf-8") as handle:
+            handle.write(_sha256(archive) + "\n")
+        os.chmod(os.path.join(partial, ARTIFACT_HASH_FILE), 0o644)
+        os.rename(partial, target)
+    except (OSError, CommandExecutionError) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, CommandExecutionError):
+            raise
+        raise CommandExecutionError(f"could not install {name}: {exc}")
+    return target
+
+
+def _installed_hash(release_dir):
+    try:
+        with open(os.path.join(release_dir, ARTIFACT_HASH_FILE), encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError:
+        return None
+
+
+def install(project, name, source, source_hash, env=None, **kwargs):
+    """
+    Fetch a release tarball, verify its sha256 and unpack it safely into
+    ``releases/<name>``, linking the shared paths. Installing the same name and
+    checksum again changes nothing; a bad artifact changes nothing.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'web*' release.install rainbow rainbow_test_v1.1.0_master_2026-11-26_101500_ops \\
+            source=salt://releases/rainbow/rainbow_test_v1.1.0_master_2026-11-26_101500_ops.tar.gz \\
+            source_hash=<sha256>
+    """
+
+    def work():
+        _check_name(name)
+        settings = _settings(project)
+        paths = _ensure_layout(settings)
+        _remember(project, settings)
+        target = os.path.join(paths["releases"], name)
+        expected = source_hash.split("=", 1)[-1].lower()
+        if os.path.isdir(target):
+            if _installed_hash(target) != expected:
+                raise CommandExecutionError(
+                    f"release {name} is already installed from a different artifact; refusing to replace it"
+                )
+            return {"result": True, "release": name, "changed": False, "path": target}
+        _unpacked_release(paths, name, source, expected, settings)
+        return {"result": True, "release": name, "changed": True, "path": target}
+
+    return _reported(project, env, "install", name)(work)
+
+
+# ---------------------------------------------------------------- activate
+
+
+def _switch(paths, name):
+    """
+    Point ``current`` at releases/<name> with a temp symlink renamed over it:
+    readers see the old or the new release, never a missing one.
+    """
+    current = paths["current"]
+    if os.path.lexists(current) and not os.path.islink(current):
+        raise CommandExecutionError(
+            f"{current} is a real directory, not a symlink: move it aside by hand "
+            "(for example into releases/) before the first switch; it is never removed automatically"
+        )
+    link_target = os.path.join("releases", name)
+    tmp = os.path.join(paths["root"], f".current.{os.getpid()}.{time.monotonic_ns()}")
+    os.symlink(link_target, tmp)
+    try:
+        os.replace(tmp, current)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise CommandExecutionError(f"could not switch {current}: {exc}")
+    if os.readlink(current) != link_target:
+        raise CommandExecutionError(f"{current} points at {os.readlink(current)} after the switch")
+
+
+def activate(project, name, env=None, **kwargs):
+    """
+    Switch ``current`` to an installed release; returns the previous one.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'web*' release.activate rainbow rainbow_test_v1.1.0_master_2026-11-26_101500_ops
+    """
+
+    def work():
+        _check_name(name)
+        settings = _settings(project)
+        paths = _paths(settings)
+        if not os.path.isdir(os.path.join(paths["releases"], name)):
+            raise CommandExecutionError(f"release {name} is not installed on this node")
+        previous = _current_name(paths)
+        if previous != name:
+            _switch(paths, name)
+            _remember(project, settings, current=name, previous=previous)
+        return {"result": True, "release": name, "previous": previous, "changed": previous != name}
+
+    return _reported(project, env, "activate", name)(work)
+
+
+# ---------------------------------------------------------------- queries
+
+
+def list_(project):
+    """
+    The releases on this node, oldest to newest, and which one is current.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call --local release.list rainbow
+    """
+    paths = _paths(_settings(project))
+    return {"releases": _release_names(paths), "current": _current_name(paths)}
+
+
+def current(project):
+    """
+    The release ``current`` points at (None before the first switch).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'web*' release.current rainbow
+    """
+    return _current_name(_paths(_settings(project)))
+
+
+__func_alias__ = {"list_": "list"}

@@ -1,0 +1,119 @@
+"""
+Master side: turn an exported tree into a staged, checksummed release tarball.
+
+build and checks run in the exported tree; the tarball holds the tree plus
+the ``RELEASE.json`` manifest and is staged under
+``<artifact_root>/<project>/<name>.tar.gz``, which the master's fileserver
+serves as ``salt://<path of artifact_root in file_roots>/<project>/<name>.tar.gz``.
+"""
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+import time
+
+try:  # installed with pip: salt_release is an ordinary package
+    from salt_release.utils import release_contract as contract
+except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
+    import release_contract as contract
+
+OUTPUT_TAIL_LINES = 20
+
+
+class ArtifactError(Exception):
+    """A build, check or packaging step that failed; ``tail`` holds the output's end."""
+
+    def __init__(self, message, tail=""):
+        super().__init__(message)
+        self.tail = tail
+
+
+def run_commands(commands, cwd, what, timeout_s):
+    """
+    Run each shell command in ``cwd``; the first non-zero exit aborts with the
+    tail of its output. Returns the tail of the combined output.
+    """
+    tail = []
+    for command in commands or []:
+        try:
+            done = subprocess.run(
+                command, shell=True, cwd=cwd, capture_output=True, text=True,
+                timeout=timeout_s, check=False, stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise ArtifactError(f"{what} command {command!r} ran over {timeout_s} s")
+        tail = (tail + (done.stdout + done.stderr).splitlines())[-OUTPUT_TAIL_LINES:]
+        if done.returncode != 0:
+            raise ArtifactError(
+                f"{what} command {command!r} exited {done.returncode}", "\n".join(tail)
+            )
+    return "\n".join(tail)
+
+
+def package(tree, manifest_doc, dest):
+    """
+    Write ``dest`` (.tar.gz) from ``tree`` plus the manifest, in a stable
+    order with neutral owners; returns ``(sha256, manifest)`` where the
+    manifest now carries ``file_count``.
+    """
+    entries = _entries_in(tree)
+    manifest_doc = dict(
+        manifest_doc,
+        file_count=sum(1 for rel in entries if not _is_real_dir(os.path.join(tree, rel))),
+    )
+    manifest = json.dumps(manifest_doc, indent=2, sort_keys=True).encode()
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+        for rel in entries:
+            tar.add(os.path.join(tree, rel), arcname=rel, recursive=False, filter=_neutral)
+        info = tarfile.TarInfo(contract.MANIFEST_NAME)
+        info.size, info.mode, info.mtime = len(manifest), 0o644, int(time.time())
+        tar.addfile(info, io.BytesIO(manifest))
+    os.replace(tmp, dest)
+    return sha256_of(dest), manifest_doc
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def salt_url(artifact_root, file_roots, project, name):
+    """The salt:// URL of a staged artifact; artifact_root must sit inside a base file_roots dir."""
+    root = os.path.realpath(artifact_root)
+    for base in file_roots:
+        base = os.path.realpath(base)
+        if root == base or root.startswith(base + os.sep):
+            rel = os.path.relpath(root, base)
+            parts = [] if rel == "." else rel.split(os.sep)
+            return "salt://" + "/".join(parts + [project, f"{name}.tar.gz"])
+    raise ArtifactError(
+        f"artifact_root {artifact_root} is not inside any base file_roots directory "
+        f"({', '.join(file_roots) or 'none configured'}): minions could not fetch it"
+    )
+
+
+def _entries_in(tree):
+    """Every path below ``tree`` (folders too, links not followed), sorted; no .git."""
+    found = []
+    for root, dirs, files in os.walk(tree):
+        dirs[:] = [d for d in dirs if d != ".git"]
+        found.extend(os.path.relpath(os.path.join(root, name), tree) for name in dirs + files)
+    return sorted(found)
+
+
+def _is_real_dir(path):
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _neutral(info):
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info

@@ -1,0 +1,94 @@
+"""
+Master side: the per project+env deploy lock.
+
+The lock is a file created atomically (``O_CREAT|O_EXCL``) under
+``<state_dir>/locks``; it records its owner (user, host, pid, jid, start,
+reason) and a random token. A deploy releases only a lock that carries its own
+token, so a deploy can never free another deploy's lock.
+"""
+
+import datetime
+import json
+import os
+import socket
+import time
+import uuid
+
+
+class LockHeld(Exception):
+    """The lock belongs to someone else; ``owner`` says who."""
+
+    def __init__(self, owner):
+        super().__init__(describe(owner))
+        self.owner = owner
+
+
+def lock_path(state_dir, project, env):
+    return os.path.join(state_dir, "locks", f"{project}.{env}.lock")
+
+
+def acquire(path, user, jid, reason, wait_s=0, poll_s=0.5):
+    """Take the lock or raise LockHeld; returns the owner record (with its token)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    owner = {
+        "token": uuid.uuid4().hex,
+        "user": user,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "jid": jid,
+        "since": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "since_epoch": time.time(),
+        "reason": reason,
+    }
+    deadline = time.monotonic() + float(wait_s or 0)
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            holder = read(path)
+            if time.monotonic() >= deadline:
+                raise LockHeld(holder)
+            time.sleep(poll_s)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(owner, handle)
+        return owner
+
+
+def read(path):
+    """The owner record, or None when unlocked; a half-written file reads as unknown."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {"token": None, "user": "unknown", "since": "unknown"}
+
+
+def release(path, token):
+    """Remove the lock if it still carries ``token``; True when it did."""
+    holder = read(path)
+    if not holder or holder.get("token") != token:
+        return False
+    os.unlink(path)
+    return True
+
+
+def remove(path):
+    """Break the lock whoever holds it; returns the record that was there."""
+    holder = read(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    return holder
+
+
+def describe(owner):
+    if not owner:
+        return "not locked"
+    return (
+        f"locked by {owner.get('user')} on {owner.get('host')} (pid {owner.get('pid')}, "
+        f"jid {owner.get('jid')}) since {owner.get('since')}: {owner.get('reason')}"
+    )

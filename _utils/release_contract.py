@@ -1,0 +1,130 @@
+"""
+The contract between the salt-release runner (master) and the release
+execution module (minions): release names, the manifest, event tags and the
+per-node return shape.
+
+Both sides import this one file, so it must stay standard library only: it is
+synced to minions with ``saltutil.sync_all`` (``_utils``) or installed with
+pip as ``salt_release.utils.release_contract``.
+"""
+
+import datetime
+import re
+
+MANIFEST_NAME = "RELEASE.json"
+MANIFEST_FIELDS = (
+    "name",
+    "project",
+    "env",
+    "ref",
+    "commit",
+    "version",
+    "branch",
+    "author",
+    "built_at",
+    "file_count",
+)
+
+# A release name is project_env_version_branch_timestamp_author. The timestamp
+# is UTC "YYYY-MM-DD_HHMMSS" (no colon: colons break scp, rsync and PATH lists),
+# so a name always splits into seven "_"-separated fields.
+TIMESTAMP_FORMAT = "%Y-%m-%d_%H%M%S"
+_FIELD = r"[A-Za-z0-9.-]+"
+NAME_PATTERN = re.compile(
+    rf"^(?P<project>{_FIELD})_(?P<env>{_FIELD})_(?P<version>{_FIELD})_"
+    rf"(?P<branch>{_FIELD})_(?P<timestamp>\d{{4}}-\d{{2}}-\d{{2}}_\d{{6}})_"
+    rf"(?P<author>{_FIELD})$"
+)
+_UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
+
+# Phases a node reports on the event bus, in the order a deploy runs them.
+PHASES = ("install", "drain", "activate", "reload", "verify", "undrain", "rollback")
+TAG_PREFIX = "release"
+
+
+def sanitize_field(value):
+    """
+    Reduce one name field to ``[A-Za-z0-9.-]``: every other run of characters
+    becomes one ``-``; leading dots and dashes go (no hidden files, no options).
+    """
+    cleaned = _UNSAFE.sub("-", str(value)).strip("-").lstrip(".-")
+    return cleaned or "unknown"
+
+
+def release_name(project, env, version, branch, built_at, author):
+    """
+    Build the release name from its fields; ``built_at`` is an aware or naive
+    UTC datetime.
+    """
+    fields = [project, env, version, branch]
+    stamp = built_at.strftime(TIMESTAMP_FORMAT)
+    return "_".join([sanitize_field(f) for f in fields] + [stamp, sanitize_field(author)])
+
+
+def parse_release_name(name):
+    """
+    Split a release name into its fields; None when ``name`` is not one
+    (so a stray folder under releases/ is never taken for a release).
+    """
+    match = NAME_PATTERN.match(name or "")
+    if not match:
+        return None
+    fields = match.groupdict()
+    try:
+        datetime.datetime.strptime(fields["timestamp"], TIMESTAMP_FORMAT)
+    except ValueError:
+        return None
+    return fields
+
+
+def is_release_name(name):
+    return parse_release_name(name) is not None
+
+
+def release_sort_key(name):
+    """Oldest first: by build timestamp, then by name, the same on every host."""
+    return (parse_release_name(name)["timestamp"], name)
+
+
+def validate_manifest(manifest, expected_name):
+    """
+    Return a list of problems with a release manifest (empty when it is good).
+    """
+    if not isinstance(manifest, dict):
+        return ["the manifest is not a JSON object"]
+    problems = [f"the manifest lacks '{f}'" for f in MANIFEST_FIELDS if f not in manifest]
+    if manifest.get("name") != expected_name:
+        problems.append(
+            f"the manifest names release '{manifest.get('name')}', expected '{expected_name}'"
+        )
+    return problems
+
+
+def event_tag(project, env, *parts):
+    """
+    ``release/<project>/<env>/<part>/...``; node phases use
+    ``event_tag(project, env, minion, phase)``.
+    """
+    for part in (project, env) + parts:
+        if not part or "/" in str(part):
+            raise ValueError(f"bad event tag part: {part!r}")
+    return "/".join((TAG_PREFIX, str(project), str(env)) + tuple(str(p) for p in parts))
+
+
+def phase_event(release, result, duration_s, error=None, **extra):
+    """The data of a node phase event: what the node ran, how it went, how long."""
+    data = {
+        "release": release,
+        "result": bool(result),
+        "duration_s": round(float(duration_s), 3),
+        "error": error,
+    }
+    data.update(extra)
+    return data
+
+
+def node_result(result, release=None, previous=None, error=None, **extra):
+    """One node's entry in a runner return: ``{result, release, previous, error}``."""
+    entry = {"result": bool(result), "release": release, "previous": previous, "error": error}
+    entry.update(extra)
+    return entry
