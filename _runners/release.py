@@ -35,6 +35,7 @@ import _release_artifact as artifact
 import _release_fleet as fleet
 import _release_lock as locking
 import _release_source as source
+import _release_store as store
 
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
@@ -85,6 +86,10 @@ class Run:
     output: dict = dataclasses.field(default_factory=dict)
     error: str = None
     failed_step: str = None
+    kind: str = "deploy"
+    trigger: str = "cli"
+    record_id: int = None
+    records: store.Store = None
 
     @property
     def minions(self):
@@ -94,7 +99,7 @@ class Run:
 # ---------------------------------------------------------------- public
 
 
-def deploy(project, env, ref, author=None, wait=0, **kwargs):
+def deploy(project, env, ref, author=None, wait=0, trigger="cli", **kwargs):
     """
     Deploy a git ref (branch, tag or commit) of a project to an environment.
 
@@ -105,7 +110,7 @@ def deploy(project, env, ref, author=None, wait=0, **kwargs):
         salt-run release.deploy rainbow env=test ref=v1.1.0
         salt-run release.deploy rainbow env=pro ref=master author=alice
     """
-    run = _begin(project, env, ref, author, kwargs)
+    run = _begin(project, env, ref, author, trigger, kwargs)
     try:
         with _locked(run, "deploy", wait):
             for step in (fetch, build, check, package, stage, plan, install, activate):
@@ -157,6 +162,7 @@ def package(run):
     }
     run.tarball = os.path.join(run.state_dir, "builds", f"{run.name}.tar.gz")
     run.sha256, run.manifest = artifact.package(run.tree, doc, run.tarball)
+    run.records.update_run(run.record_id, commit=run.commit, release=run.name)
     _say(run, f"packaged {run.name} ({run.manifest['file_count']} files, sha256 {run.sha256[:12]})")
 
 
@@ -187,12 +193,13 @@ def plan(run):
 
 def install(run):
     """Stage the release on every node before any node switches."""
+    started_at = store.now()
     outcomes = fleet.run_on(
         __opts__, run.minions, "release.install", arg=[run.project, run.name],
         kwarg={"source": run.source_url, "source_hash": run.sha256, "env": run.env},
         timeout_s=run.config.get("install_timeout_s", DEFAULT_INSTALL_TIMEOUT_S),
     )
-    failed = _note_outcomes(run, "install", outcomes)
+    failed = _note_outcomes(run, "install", started_at, outcomes)
     if failed:
         raise DeployError(f"install failed on {', '.join(failed)}: no node was switched")
 
@@ -201,11 +208,12 @@ def activate(run):
     """Switch ``current`` batch by batch; a failed batch stops the later ones."""
     done = 0
     for number, batch in enumerate(run.batches, 1):
+        started_at = store.now()
         outcomes = fleet.run_on(
             __opts__, batch, "release.activate", arg=[run.project, run.name],
             kwarg={"env": run.env}, timeout_s=run.config.get("timeout_s", DEFAULT_TIMEOUT_S),
         )
-        failed = _note_outcomes(run, "activate", outcomes)
+        failed = _note_outcomes(run, "activate", started_at, outcomes)
         for minion in batch:
             done += 1
             node = run.nodes[minion]
@@ -236,6 +244,11 @@ def record(run):
     if not ok:
         ret["error"] = run.error or "no node was deployed"
         ret["failed_step"] = run.failed_step
+    run.records.update_run(run.record_id, commit=run.commit, release=run.name)
+    run.records.finish_run(
+        run.record_id, ok, ret["duration_s"], ret.get("error"),
+        {"failed_step": run.failed_step, "nodes": run.nodes},
+    )
     _fire(run, ("finish",), {k: v for k, v in ret.items() if k != "output"})
     _say(run, f"{'DONE' if ok else 'FAILED'}: {run.name or run.ref} " + (ret.get("error") or ""))
     return ret
@@ -256,13 +269,17 @@ def _release_opts():
     return conf
 
 
-def _begin(project, env, ref, author, kwargs):
+def _begin(project, env, ref, author, trigger, kwargs):
     conf = _release_opts()
     config = conf["projects"].get(project)
     run = Run(
         project=project, env=env, ref=str(ref), author=author or getpass.getuser(),
         config=config or {}, environment={}, state_dir=conf["state_dir"],
-        jid=kwargs.get("__pub_jid") or _jid(),
+        jid=kwargs.get("__pub_jid") or _jid(), trigger=trigger,
+        records=store.Store(conf["state_dir"]),
+    )
+    run.record_id = run.records.start_run(
+        run.kind, project, env, trigger, run.author, run.jid, run.ref
     )
     if config is None:
         run.error = f"unknown project {project!r}: not under release:projects in the master config"
@@ -325,10 +342,14 @@ def _commands(run, key):
     _say(run, f"{key}: {len(commands)} command(s) passed")
 
 
-def _note_outcomes(run, phase, outcomes):
-    """Fold a phase's outcomes into run.nodes; returns the failed minions."""
+def _note_outcomes(run, phase, started_at, outcomes):
+    """Fold a phase's outcomes into run.nodes and the records; returns the failed minions."""
     failed = []
     for minion, (ok, value) in sorted(outcomes.items()):
+        run.records.node_phase(
+            run.record_id, minion, phase, started_at,
+            value.get("duration_s") if ok else None, ok, None if ok else value,
+        )
         node = run.nodes.setdefault(minion, contract.node_result(True, release=run.name))
         node["phase"] = phase
         if ok:
