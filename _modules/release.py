@@ -327,7 +327,23 @@ def _installed_hash(release_dir):
         return None
 
 
-def install(project, name, source, source_hash, env=None, **kwargs):
+def _check_fence(project, fence):
+    """
+    Refuse a deploy older than the last one that touched this node: the
+    runner passes the fence number of its lock, which grows with every lock.
+    """
+    if fence is None:
+        return
+    seen = int(_read_cache(project).get("fence") or 0)
+    if int(fence) < seen:
+        raise CommandExecutionError(
+            f"stale deploy refused: fence {fence} is older than {seen}, the last deploy that touched this node"
+        )
+    if int(fence) > seen:
+        _remember(project, {}, fence=int(fence))
+
+
+def install(project, name, source, source_hash, env=None, fence=None, **kwargs):
     """
     Fetch a release tarball, verify its sha256 and unpack it safely into
     ``releases/<name>``, linking the shared paths. Installing the same name and
@@ -347,6 +363,7 @@ def install(project, name, source, source_hash, env=None, **kwargs):
         settings = _settings(project)
         paths = _ensure_layout(settings)
         _remember(project, settings)
+        _check_fence(project, fence)
         target = os.path.join(paths["releases"], name)
         expected = source_hash.split("=", 1)[-1].lower()
         if os.path.isdir(target):
@@ -387,9 +404,11 @@ def _switch(paths, name):
         raise CommandExecutionError(f"{current} points at {os.readlink(current)} after the switch")
 
 
-def activate(project, name, env=None, **kwargs):
+def activate(project, name, env=None, fence=None, **kwargs):
     """
     Switch ``current`` to an installed release; returns the previous one.
+    ``fence`` (passed by the runner) refuses a switch from a deploy older than
+    the last one that touched this node.
 
     CLI Example:
 
@@ -402,6 +421,7 @@ def activate(project, name, env=None, **kwargs):
         _check_name(name)
         settings = _settings(project)
         paths = _paths(settings)
+        _check_fence(project, fence)
         if not os.path.isdir(os.path.join(paths["releases"], name)):
             raise CommandExecutionError(f"release {name} is not installed on this node")
         previous = _current_name(paths)

@@ -50,9 +50,30 @@ def acquire(path, user, jid, reason, wait_s=0, poll_s=0.5):
                 raise LockHeld(holder)
             time.sleep(poll_s)
             continue
+        owner["fence"] = _next_fence(path)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(owner, handle)
         return owner
+
+
+def _next_fence(path):
+    """
+    A number that grows with every acquisition of this lock. Nodes remember
+    the highest they have seen and refuse an older one, so a deploy that lost
+    its lock (broken as stale) cannot switch nodes behind a newer deploy.
+    Only the lock holder calls this, so read-increment-write does not race.
+    """
+    counter = f"{path}.fence"
+    try:
+        with open(counter, encoding="utf-8") as handle:
+            fence = int(handle.read().strip() or 0) + 1
+    except (OSError, ValueError):
+        fence = 1
+    tmp = f"{counter}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(f"{fence}\n")
+    os.replace(tmp, counter)
+    return fence
 
 
 def read(path):
@@ -83,6 +104,25 @@ def remove(path):
     except FileNotFoundError:
         return None
     return holder
+
+
+def holder_alive(owner, ttl_s):
+    """
+    Whether the lock's holder may still be running. On this host the holder's
+    pid must exist and be a salt process; a holder on another host is taken as
+    alive until the lock is older than ``ttl_s``.
+    """
+    if not owner or owner.get("token") is None:
+        return False
+    if time.time() - float(owner.get("since_epoch") or 0) > ttl_s:
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        with open(f"/proc/{int(owner.get('pid'))}/cmdline", "rb") as handle:
+            return b"salt" in handle.read()
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def describe(owner):

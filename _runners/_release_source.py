@@ -45,10 +45,15 @@ def validate_ref(ref):
     return ref
 
 
+def mirror(state_dir, project):
+    """The project's bare mirror under ``<state_dir>/git``, created empty when missing."""
+    path = os.path.join(state_dir, "git", f"{project}.git")
+    return git.Repo(path) if os.path.isdir(path) else git.Repo.init(path, bare=True, mkdir=True)
+
+
 def update_mirror(state_dir, project, url):
     """Create or refresh the project's bare mirror; returns the GitPython repo."""
-    path = os.path.join(state_dir, "git", f"{project}.git")
-    repo = git.Repo(path) if os.path.isdir(path) else git.Repo.init(path, bare=True, mkdir=True)
+    repo = mirror(state_dir, project)
     try:
         repo.git.fetch(
             "--prune", "--force", "--end-of-options", url,

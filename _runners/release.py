@@ -6,6 +6,10 @@ A deploy is a pipeline of named steps, each one short function below:
 
     lock -> fetch -> build -> check -> package -> stage -> plan -> install -> activate -> record
 
+``activate`` is the safe rollout (``_release_rollout.py``): wave by wave,
+batch by batch, each node drained, switched, reloaded, verified and put back;
+``install`` stages the release on every node before any node switches.
+
 Master configuration (see README.md)::
 
     release:
@@ -34,6 +38,7 @@ import salt.utils.event
 import _release_artifact as artifact
 import _release_fleet as fleet
 import _release_lock as locking
+import _release_rollout as rollout
 import _release_source as source
 import _release_store as store
 
@@ -49,6 +54,9 @@ __virtualname__ = "release"
 DEFAULT_BUILD_TIMEOUT_S = 1800
 DEFAULT_INSTALL_TIMEOUT_S = 300
 DEFAULT_TIMEOUT_S = 60
+DEFAULT_LOCK_TTL_S = 6 * 3600
+# Node phases the conductor drives from the master; the nodes report install and activate themselves.
+CONDUCTOR_PHASES = ("drain", "verify", "undrain")
 
 
 def __virtual__():
@@ -81,7 +89,10 @@ class Run:
     source_url: str = None
     sha256: str = None
     manifest: dict = None
-    batches: list = dataclasses.field(default_factory=list)
+    waves: list = dataclasses.field(default_factory=list)
+    previous: dict = dataclasses.field(default_factory=dict)
+    hosts: dict = dataclasses.field(default_factory=dict)
+    fence: int = None
     nodes: dict = dataclasses.field(default_factory=dict)
     output: dict = dataclasses.field(default_factory=dict)
     error: str = None
@@ -93,23 +104,28 @@ class Run:
 
     @property
     def minions(self):
-        return [minion for batch in self.batches for minion in batch]
+        return [minion for wave in self.waves for minion in wave.minions]
 
 
 # ---------------------------------------------------------------- public
 
 
-def deploy(project, env, ref, author=None, wait=0, trigger="cli", **kwargs):
+def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, **kwargs):
     """
     Deploy a git ref (branch, tag or commit) of a project to an environment.
+    ``test=True`` prints the plan (waves, batches, each node's current and new
+    release, the load-balancer steps) and changes nothing.
 
     CLI Example:
 
     .. code-block:: bash
 
         salt-run release.deploy rainbow env=test ref=v1.1.0
-        salt-run release.deploy rainbow env=pro ref=master author=alice
+        salt-run release.deploy rainbow env=pro ref=master author=alice wait=60
+        salt-run release.deploy rainbow env=pro ref=v1.2.0 test=True
     """
+    if test:
+        return _plan_only(project, env, ref, author)
     run = _begin(project, env, ref, author, trigger, kwargs)
     try:
         with _locked(run, "deploy", wait):
@@ -122,6 +138,44 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", **kwargs):
     return record(run)
 
 
+def unlock(project, env, force=False):
+    """
+    Break a deploy lock left behind by a run that died. Refused while the
+    holder may still be running (its pid is alive on this master, or the lock
+    is younger than ``lock_ttl_s`` on another host) unless ``force=True``.
+    Every break is recorded and fired as an event.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.unlock rainbow env=pro
+        salt-run release.unlock rainbow env=pro force=True
+    """
+    conf = _release_opts()
+    path = locking.lock_path(conf["state_dir"], project, env)
+    holder = locking.read(path)
+    if holder is None:
+        return {"result": True, "comment": f"{project}/{env} is not locked", "retcode": 0}
+    ttl_s = float((conf["projects"].get(project) or {}).get("lock_ttl_s", DEFAULT_LOCK_TTL_S))
+    if locking.holder_alive(holder, ttl_s) and not force:
+        return {
+            "result": False, "retcode": 1,
+            "error": f"{project}/{env} is {locking.describe(holder)}; its holder may be alive: "
+                     "pass force=True to break it anyway",
+        }
+    broken = locking.remove(path)
+    who = getpass.getuser()
+    store.Store(conf["state_dir"]).record(
+        "unlock", project, env, result=True, who=who,
+        details={"broken": _public_owner(broken), "force": bool(force)},
+    )
+    with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=False) as bus:
+        bus.fire_event({"broken": _public_owner(broken), "by": who, "force": bool(force)},
+                       contract.event_tag(project, env, "lock", "broken"))
+    return {"result": True, "comment": f"broke the lock: {locking.describe(broken)}", "retcode": 0}
+
+
 # ---------------------------------------------------------------- steps
 
 
@@ -132,15 +186,18 @@ def fetch(run):
         repo = source.update_mirror(run.state_dir, run.project, run.config["repo"])
         run.commit, run.branch = source.resolve(repo, ref)
         run.version = source.describe(repo, run.commit)
-        run.tree = os.path.join(run.state_dir, "builds", uuid.uuid4().hex)
-        source.export(repo, run.commit, run.tree)
     except source.SourceError as exc:
         raise DeployError(str(exc))
     _say(run, f"fetched {run.ref} = {run.commit[:12]} ({run.version})")
 
 
 def build(run):
-    """Run the project's build commands in the exported tree."""
+    """Export the commit's tree (no .git) and run the project's build commands in it."""
+    run.tree = os.path.join(run.state_dir, "builds", uuid.uuid4().hex)
+    try:
+        source.export(source.mirror(run.state_dir, run.project), run.commit, run.tree)
+    except source.SourceError as exc:
+        raise DeployError(str(exc))
     _commands(run, "build")
 
 
@@ -151,10 +208,7 @@ def check(run):
 
 def package(run):
     """Name the release and write its tarball with the manifest."""
-    built_at = datetime.datetime.now(datetime.timezone.utc)
-    run.name = contract.release_name(
-        run.project, run.env, run.version, run.branch, built_at, run.author
-    )
+    built_at = _name(run)
     doc = {
         "name": run.name, "project": run.project, "env": run.env, "ref": run.ref,
         "commit": run.commit, "version": run.version, "branch": run.branch,
@@ -180,50 +234,56 @@ def stage(run):
 
 
 def plan(run):
-    """Find the environment's nodes and cut them into batches."""
+    """Find each wave's nodes, cut them into batches and read what each node runs now."""
     try:
-        minions = fleet.resolve_targets(
-            __opts__, run.environment["target"], run.environment.get("tgt_type", "glob")
-        )
-        run.batches = fleet.batches(minions, run.environment.get("batch", "100%"))
-    except fleet.FleetError as exc:
-        raise DeployError(str(exc))
-    _say(run, f"{len(minions)} node(s) in {len(run.batches)} batch(es): {', '.join(minions)}")
+        run.waves = rollout.plan_waves(__opts__, run.environment)
+    except (fleet.FleetError, KeyError, ValueError) as exc:
+        raise DeployError(f"bad waves for {run.project}/{run.env}: {exc}")
+    run.previous = _current_releases(run)
+    run.hosts = _hosts(run)
+    for wave in run.waves:
+        batches = " | ".join(", ".join(batch) for batch in wave.batches)
+        _say(run, f"wave {wave.name}: {batches} (may fail: {wave.budget})")
 
 
 def install(run):
-    """Stage the release on every node before any node switches."""
-    started_at = store.now()
+    """
+    Stage the release on every node of every wave, in parallel, before any
+    node switches. A node that cannot stage stops the deploy, unless its
+    wave's failure budget allows leaving it out.
+    """
     outcomes = fleet.run_on(
         __opts__, run.minions, "release.install", arg=[run.project, run.name],
-        kwarg={"source": run.source_url, "source_hash": run.sha256, "env": run.env},
+        kwarg={"source": run.source_url, "source_hash": run.sha256, "env": run.env, "fence": run.fence},
         timeout_s=run.config.get("install_timeout_s", DEFAULT_INSTALL_TIMEOUT_S),
     )
-    failed = _note_outcomes(run, "install", started_at, outcomes)
+    failed = _note_outcomes(run, "install", outcomes)
+    over = [w.name for w in run.waves if len(set(failed) & set(w.minions)) > w.budget]
+    if over:
+        raise DeployError(
+            f"install failed on {', '.join(failed)} (over the failure budget of wave "
+            f"{', '.join(over)}): no node was switched"
+        )
+    for wave in run.waves:
+        wave.minions = [m for m in wave.minions if m not in failed]
     if failed:
-        raise DeployError(f"install failed on {', '.join(failed)}: no node was switched")
+        _say(run, f"left out {', '.join(failed)}: staging failed within the failure budget")
 
 
 def activate(run):
-    """Switch ``current`` batch by batch; a failed batch stops the later ones."""
-    done = 0
-    for number, batch in enumerate(run.batches, 1):
-        started_at = store.now()
-        outcomes = fleet.run_on(
-            __opts__, batch, "release.activate", arg=[run.project, run.name],
-            kwarg={"env": run.env}, timeout_s=run.config.get("timeout_s", DEFAULT_TIMEOUT_S),
-        )
-        failed = _note_outcomes(run, "activate", started_at, outcomes)
-        for minion in batch:
-            done += 1
-            node = run.nodes[minion]
-            verb = "activated" if node["result"] else f"FAILED ({node['error']})"
-            _say(run, f"[{done}/{len(run.minions)}] {minion} {verb} {run.name} in {node['duration_s']} s")
-        if failed:
-            raise DeployError(
-                f"activate failed on {', '.join(failed)} in batch {number}/{len(run.batches)}; "
-                "later batches were not started"
-            )
+    """The safe rollout: waves, batches, drain, switch, reload, verify, undrain."""
+    engine = rollout.Rollout(
+        __opts__, run.project, run.env, run.environment, run.hosts, run.previous,
+        run.fence, _reporter(run), lambda message: _say(run, message),
+    )
+    outcome = engine.forward(run.waves, {m: run.name for m in run.minions})
+    for minion in run.minions:
+        if run.nodes[minion]["phase"] == "install":
+            run.nodes[minion].update(result=False, error="not switched: the rollout stopped before its batch")
+    if outcome.reverted:
+        _say(run, f"rolled back {', '.join(outcome.reverted)}")
+    if outcome.stopped:
+        raise DeployError(outcome.stopped + ("; switched nodes were rolled back" if outcome.reverted else ""))
 
 
 def record(run):
@@ -231,6 +291,7 @@ def record(run):
     ok = run.error is None and bool(run.nodes) and all(n["result"] for n in run.nodes.values())
     ret = {
         "result": ok,
+        "completed": run.error is None and bool(run.nodes),
         "project": run.project,
         "env": run.env,
         "ref": run.ref,
@@ -257,6 +318,96 @@ def record(run):
 # ---------------------------------------------------------------- helpers
 
 
+def _name(run):
+    """Name the release after its fields and the time it is built; returns that time."""
+    built_at = datetime.datetime.now(datetime.timezone.utc)
+    run.name = contract.release_name(run.project, run.env, run.version, run.branch, built_at, run.author)
+    return built_at
+
+
+def _plan_only(project, env, ref, author):
+    """What a deploy would do, with nothing changed: no lock, no artifact, no node touched."""
+    run = _begin(project, env, ref, author, "plan", {}, record=False)
+    try:
+        if run.error:
+            raise DeployError(run.error)
+        for step in (fetch, plan):
+            _step(run, step)
+    except DeployError as exc:
+        return {"result": False, "test": True, "error": str(exc), "failed_step": run.failed_step, "retcode": 1}
+    _name(run)
+    lb = run.environment.get("lb")
+    return {
+        "result": True,
+        "test": True,
+        "project": project,
+        "env": env,
+        "ref": run.ref,
+        "commit": run.commit,
+        "release": run.name,
+        "waves": [
+            {"name": w.name, "batches": w.batches, "max_failures": w.budget, "bake_s": w.bake_s}
+            for w in run.waves
+        ],
+        "nodes": {m: {"current": run.previous.get(m), "new": run.name} for m in run.minions},
+        "load_balancer": (
+            f"{lb['kind'] if 'kind' in lb else 'nginx'} on {lb['minion']}: each batch drained in "
+            f"{lb['upstream_file']} before its switch and put back after its health check"
+        ) if lb else None,
+        "retcode": 0,
+    }
+
+
+def _current_releases(run):
+    """The release each node runs now (None for a first deploy or a node that did not answer)."""
+    outcomes = fleet.run_on(__opts__, run.minions, "release.current", arg=[run.project],
+                            timeout_s=run.config.get("timeout_s", DEFAULT_TIMEOUT_S))
+    return {minion: value if ok else None for minion, (ok, value) in outcomes.items()}
+
+
+def _hosts(run):
+    """Each node's address for health checks and the load balancer, read from a grain."""
+    if not (run.environment.get("health") or run.environment.get("lb")):
+        return {}
+    grain = run.environment.get("host_grain", rollout.DEFAULT_HOST_GRAIN)
+    grains = __salt__["cache.grains"](tgt=",".join(run.minions), tgt_type="list")
+    hosts = {m: rollout.grain_value(grains.get(m) or {}, grain) for m in run.minions}
+    unknown = [m for m, host in hosts.items() if not host]
+    if unknown:
+        raise DeployError(f"no '{grain}' grain in the master's cache for {', '.join(unknown)}")
+    return hosts
+
+
+def _reporter(run):
+    """
+    The rollout's report callback: it keeps run.nodes, writes the phase to
+    the records, and fires the events the nodes cannot fire themselves.
+    """
+
+    def report(minion, phase, ok, duration_s, error, release, **extra):
+        node = run.nodes.setdefault(
+            minion, contract.node_result(True, release=run.previous.get(minion), previous=run.previous.get(minion))
+        )
+        node.update(phase=phase, duration_s=round(duration_s or 0, 3))
+        if ok and phase in ("activate", "rollback"):
+            node["release"] = release
+        if ok and phase == "rollback":
+            node.update(result=False, rolled_back=True)
+            node["error"] = node.get("error") or "rolled back: the rollout stopped"
+        if not ok:
+            node.update(result=False, error=error)
+        run.records.node_phase(run.record_id, minion, phase, store.now(), duration_s, ok, error)
+        if phase in CONDUCTOR_PHASES or not ok and str(error).startswith("no answer"):
+            _fire(run, (minion, phase), contract.phase_event(release, ok, duration_s or 0, error))
+
+    return report
+
+
+def _public_owner(owner):
+    """A lock record without its token: the token is what lets its holder release it."""
+    return {k: v for k, v in (owner or {}).items() if k != "token"}
+
+
 def _release_opts():
     conf = dict(__opts__.get("release") or {})
     conf.setdefault("state_dir", os.path.join(__opts__["cachedir"], "release"))
@@ -269,18 +420,17 @@ def _release_opts():
     return conf
 
 
-def _begin(project, env, ref, author, trigger, kwargs):
+def _begin(project, env, ref, author, trigger, kwargs, record=True):
     conf = _release_opts()
     config = conf["projects"].get(project)
     run = Run(
         project=project, env=env, ref=str(ref), author=author or getpass.getuser(),
         config=config or {}, environment={}, state_dir=conf["state_dir"],
         jid=kwargs.get("__pub_jid") or _jid(), trigger=trigger,
-        records=store.Store(conf["state_dir"]),
     )
-    run.record_id = run.records.start_run(
-        run.kind, project, env, trigger, run.author, run.jid, run.ref
-    )
+    if record:
+        run.records = store.Store(conf["state_dir"])
+        run.record_id = run.records.start_run(run.kind, project, env, trigger, run.author, run.jid, run.ref)
     if config is None:
         run.error = f"unknown project {project!r}: not under release:projects in the master config"
     elif env not in (config.get("environments") or {}):
@@ -308,6 +458,7 @@ class _locked:
             self.owner = locking.acquire(
                 self.path, self.run.author, self.run.jid, f"{self.reason} {self.run.ref}", self.wait
             )
+            self.run.fence = self.owner["fence"]
         except locking.LockHeld as exc:
             self.run.failed_step = "lock"
             raise DeployError(f"{self.run.project}/{self.run.env} is {exc}")
@@ -342,27 +493,12 @@ def _commands(run, key):
     _say(run, f"{key}: {len(commands)} command(s) passed")
 
 
-def _note_outcomes(run, phase, started_at, outcomes):
-    """Fold a phase's outcomes into run.nodes and the records; returns the failed minions."""
-    failed = []
+def _note_outcomes(run, phase, outcomes):
+    """Report each node's outcome of a phase run on all nodes at once; returns the failed minions."""
+    report = _reporter(run)
     for minion, (ok, value) in sorted(outcomes.items()):
-        run.records.node_phase(
-            run.record_id, minion, phase, started_at,
-            value.get("duration_s") if ok else None, ok, None if ok else value,
-        )
-        node = run.nodes.setdefault(minion, contract.node_result(True, release=run.name))
-        node["phase"] = phase
-        if ok:
-            node["duration_s"] = value.get("duration_s")
-            if "previous" in value:
-                node["previous"] = value["previous"]
-            continue
-        node.update(result=False, error=value, duration_s=None)
-        failed.append(minion)
-        if value.startswith("no answer"):
-            # The node cannot report for itself: say it on its behalf.
-            _fire(run, (minion, phase), contract.phase_event(run.name, False, 0, value))
-    return failed
+        report(minion, phase, ok, value.get("duration_s") if ok else None, None if ok else value, run.name)
+    return [minion for minion, (ok, _) in sorted(outcomes.items()) if not ok]
 
 
 def _cleanup(run):

@@ -1,0 +1,139 @@
+"""
+Take app nodes out of a load balancer and put them back, on the load-balancer
+minion.
+
+``kind: nginx``: the upstream include holds one ``server <backend>[ params];``
+line per app node. Draining marks a backend ``down``: the new file is written
+to a temp file, renamed over the old one, checked with ``nginx -t`` and made
+live with a reload; when the check fails the previous file is put back and the
+step fails, so a bad edit never reaches the running nginx.
+
+Other kinds (HAProxy's runtime API is the obvious next) go behind the same
+two calls, ``drain`` and ``undrain``.
+
+This module stands alone (standard library and Salt).
+"""
+
+import os
+import re
+import subprocess
+
+from salt.exceptions import CommandExecutionError
+
+__virtualname__ = "release_lb"
+
+SERVER_LINE = re.compile(r"^(?P<indent>\s*)server\s+(?P<backend>\S+?)(?P<params>(?:\s+[^;]*)?);\s*$")
+DEFAULT_TEST_CMD = ["nginx", "-t", "-q"]
+DEFAULT_RELOAD_CMD = ["nginx", "-s", "reload"]
+
+
+def __virtual__():
+    return __virtualname__
+
+
+def drain(upstream_file, backends, kind="nginx", test_cmd=None, reload_cmd=None):
+    """
+    Mark each backend ``down`` in the upstream file and reload the balancer.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt lb1 release_lb.drain /etc/nginx/conf.d/rainbow.upstream '["10.0.0.5:8080"]'
+    """
+    return _set_down(upstream_file, backends, True, kind, test_cmd, reload_cmd)
+
+
+def undrain(upstream_file, backends, kind="nginx", test_cmd=None, reload_cmd=None):
+    """
+    Put each backend back into service (drop its ``down`` flag) and reload.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt lb1 release_lb.undrain /etc/nginx/conf.d/rainbow.upstream '["10.0.0.5:8080"]'
+    """
+    return _set_down(upstream_file, backends, False, kind, test_cmd, reload_cmd)
+
+
+def status(upstream_file):
+    """
+    The backends of an upstream file and whether each is down.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt lb1 release_lb.status /etc/nginx/conf.d/rainbow.upstream
+    """
+    return {backend: down for backend, down in _servers(_read(upstream_file)).items()}
+
+
+def _set_down(upstream_file, backends, down, kind, test_cmd, reload_cmd):
+    if kind != "nginx":
+        raise CommandExecutionError(f"load balancer kind {kind!r} is not supported (only nginx)")
+    backends = [backends] if isinstance(backends, str) else list(backends)
+    old_text = _read(upstream_file)
+    missing = [b for b in backends if b not in _servers(old_text)]
+    if missing:
+        raise CommandExecutionError(f"{upstream_file} has no server line for {', '.join(missing)}")
+    new_text = _with_down(old_text, set(backends), down)
+    if new_text == old_text:
+        return {"result": True, "changed": False, "backends": backends}
+    _replace(upstream_file, new_text)
+    try:
+        _run(test_cmd or DEFAULT_TEST_CMD, "nginx configuration check")
+    except CommandExecutionError:
+        _replace(upstream_file, old_text)
+        raise
+    _run(reload_cmd or DEFAULT_RELOAD_CMD, "nginx reload")
+    return {"result": True, "changed": True, "backends": backends}
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise CommandExecutionError(f"cannot read upstream file {path}: {exc.strerror}")
+
+
+def _servers(text):
+    """``{backend: is_down}`` for every server line."""
+    found = {}
+    for line in text.splitlines():
+        match = SERVER_LINE.match(line)
+        if match:
+            found[match.group("backend")] = "down" in match.group("params").split()
+    return found
+
+
+def _with_down(text, backends, down):
+    lines = []
+    for line in text.splitlines():
+        match = SERVER_LINE.match(line)
+        if match and match.group("backend") in backends:
+            params = [p for p in match.group("params").split() if p != "down"]
+            if down:
+                params.append("down")
+            line = f"{match.group('indent')}server {match.group('backend')}{''.join(' ' + p for p in params)};"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _replace(path, text):
+    """Write a temp file beside ``path`` and rename it over: nginx never reads half a file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(tmp, os.stat(path).st_mode & 0o777)
+    os.replace(tmp, path)
+
+
+def _run(command, what):
+    argv = command.split() if isinstance(command, str) else list(command)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip().splitlines()[-5:]
+        raise CommandExecutionError(f"{what} failed (exit {done.returncode}): {' / '.join(tail)}")
