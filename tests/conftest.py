@@ -105,15 +105,19 @@ def nodes_root(tmp_path_factory):
     return str(root)
 
 
+def make_file_root(root):
+    """A file_roots base dir installed the Salt way: links to the repo's loader folders."""
+    os.makedirs(root)
+    for folder in ("_modules", "_runners", "_utils", "_states"):
+        os.symlink(os.path.join(REPO_ROOT, folder), os.path.join(root, folder))
+    os.symlink(os.path.join(REPO_ROOT, "salt", "release"), os.path.join(root, "release"))
+    os.mkdir(os.path.join(root, "releases"))
+    return root
+
+
 @pytest.fixture(scope="session")
 def file_root(tmp_path_factory):
-    """A file_roots base dir installed the Salt way: links to the repo's loader folders."""
-    root = tmp_path_factory.mktemp("file_root")
-    for folder in ("_modules", "_runners", "_utils", "_states"):
-        os.symlink(os.path.join(REPO_ROOT, folder), root / folder)
-    os.symlink(os.path.join(REPO_ROOT, "salt", "release"), root / "release")
-    (root / "releases").mkdir()
-    return str(root)
+    return make_file_root(str(tmp_path_factory.mktemp("file_root") / "base"))
 
 
 def project_config(app_repo_path, **extra):
@@ -173,8 +177,9 @@ class Cluster:
     ``start_cluster`` from a module- or session-scoped fixture.
     """
 
-    def __init__(self, master, minions, release_config, nodes_root):
+    def __init__(self, master, minions, release_config, nodes_root, pillar_root):
         self.master = master
+        self.pillar_root = pillar_root
         self.minions = minions
         self.release_config = release_config
         self.nodes_root = nodes_root
@@ -192,12 +197,18 @@ class Cluster:
 
 @contextlib.contextmanager
 def start_cluster(salt_factories, name, file_root, release_config, pillar_sls, nodes_root,
-                  minion_ids=MINION_IDS, grains=None, master_overrides=None, minion_overrides=None):
+                  minion_ids=MINION_IDS, grains=None, master_overrides=None, minion_overrides=None,
+                  pillar_files=None):
     """
-    Start a master ``name`` and its minions (ids ``<name>-<id>`` unless ``name``
-    is "master"), install salt-release the Salt way and sync it everywhere.
+    Start a master ``name`` and its minions, install salt-release the Salt way
+    and sync it everywhere. ``pillar_sls`` becomes the pillar's release.sls
+    (``{{ nodes_root }}`` and ``{{ app_user }}`` filled in); ``pillar_files``
+    are written beside it.
     """
     pillar_root = tempfile.mkdtemp(prefix="pillar-", dir=nodes_root)
+    for rel, content in (pillar_files or {}).items():
+        with open(os.path.join(pillar_root, rel), "w", encoding="utf-8") as handle:
+            handle.write(content)
     with open(os.path.join(pillar_root, "top.sls"), "w", encoding="utf-8") as handle:
         handle.write(PILLAR_TOP)
     with open(os.path.join(pillar_root, "release.sls"), "w", encoding="utf-8") as handle:
@@ -224,7 +235,7 @@ def start_cluster(salt_factories, name, file_root, release_config, pillar_sls, n
             minion = master.salt_minion_daemon(minion_id, overrides=minion_conf)
             minion.start(start_timeout=120)
             minions.append(minion)
-        cluster = Cluster(master, minions, release_config, nodes_root)
+        cluster = Cluster(master, minions, release_config, nodes_root, pillar_root)
         synced = cluster.salt_cli.run("saltutil.sync_all", minion_tgt="*")
         assert synced.returncode == 0, synced
         assert cluster.salt_run_cli.run("saltutil.sync_all").returncode == 0
