@@ -183,7 +183,8 @@ class TomcatBase:
         conf = os.path.join(root, "conf")
         os.makedirs(os.path.join(conf, "Catalina", "localhost"))
         for name in ("web.xml", "catalina.properties", "context.xml", "logging.properties"):
-            shutil.copy(os.path.join(TOMCAT_CONF, name), conf)
+            # Debian ships them root:tomcat 0640: readable by the app user only as copies.
+            os.chmod(shutil.copy(os.path.join(TOMCAT_CONF, name), conf), 0o644)
         with open(os.path.join(conf, "server.xml"), "w", encoding="utf-8") as handle:
             handle.write(textwrap.dedent(f"""\
                 <?xml version="1.0" encoding="UTF-8"?>
