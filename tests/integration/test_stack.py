@@ -19,7 +19,7 @@ from pytestshellutils.utils.ports import get_unused_localhost_port
 
 from tests.conftest import AppRepo, git, start_cluster
 from tests.integration.stack_services import (
-    Fpm, Nginx, TomcatBase, app_ids, as_app_user, children, get, proc_uids,
+    Fpm, Nginx, TomcatBase, app_ids, as_app_user, children, get, proc_uids, wait_port,
 )
 
 MINION = "m5-web1"
@@ -266,11 +266,23 @@ def work_sources(tomcat):
     return found
 
 
+def switch_and_restart_by_hand(stack, name):
+    """What a deployer without the handler does: switch the link and restart Tomcat, keeping work/."""
+    tomcat, current = stack.tomcat, os.path.join(stack.deploy_to("jsp"), "current")
+    os.symlink(f"releases/{name}", current + ".tmp")
+    os.replace(current + ".tmp", current)
+    env = dict(tomcat.environment(), PATH=os.environ["PATH"])
+    for command in (tomcat.stop_command, tomcat.start_command):
+        subprocess.run(["/bin/sh", "-c", command], env=env, cwd="/", check=True, timeout=120,
+                       capture_output=True, **as_app_user())
+    wait_port(tomcat.port)
+
+
 def test_tomcat_rollback_compiles_afresh_as_the_app_user(stack):
     tomcat = stack.tomcat
     release_a = deploy(stack, "jsp", "v1.0.0")
     assert bodies(tomcat.port, "/", 5) == ["release A"] * 5
-    deploy(stack, "jsp", "v2.0.0")
+    release_b = deploy(stack, "jsp", "v2.0.0")
     assert bodies(tomcat.port, "/", 5) == ["release B"] * 5
     # B's compiled JSP now carries the same mtime A's JSP has: without a clean work/, a restart serves B.
     leftover = os.path.join(tomcat.base, "temp", "leftover")
@@ -295,3 +307,11 @@ def test_tomcat_rollback_compiles_afresh_as_the_app_user(stack):
     for folder, dirs, files in os.walk(os.path.join(tomcat.base, "conf")):
         for entry in [folder] + [os.path.join(folder, n) for n in dirs + files]:
             assert uid_of(entry) == 0 and not os.lstat(entry).st_mode & 0o022, entry
+
+    # The control: a restart that keeps work/ serves A's compiled JSP for B (same mtime) ...
+    switch_and_restart_by_hand(stack, release_b)
+    assert bodies(tomcat.port, "/", 5) == ["release A"] * 5
+    # ... and activating B again runs the handler (it never ran for B), which mends it.
+    activated = stack.cluster.salt_cli.run("release.activate", "jsp", release_b, "env=test", minion_tgt=MINION)
+    assert activated.data["changed"] is False and activated.data["reload"]["kind"] == "tomcat", activated
+    assert bodies(tomcat.port, "/", 5) == ["release B"] * 5
