@@ -94,6 +94,7 @@ def _settings(project):
         "user": pillar.get("user", cached.get("user")),
         "shared": list(shared),
         "keep_releases": int(pillar.get("keep_releases", cached.get("keep_releases", 5))),
+        "stack": pillar.get("stack", cached.get("stack")),
     }
 
 
@@ -428,7 +429,14 @@ def activate(project, name, env=None, fence=None, **kwargs):
         if previous != name:
             _switch(paths, name)
             _remember(project, settings, current=name, previous=previous)
-        return {"result": True, "release": name, "previous": previous, "changed": previous != name}
+        result = {"result": True, "release": name, "previous": previous, "changed": previous != name}
+        # After every real switch, and again until one succeeded for this release.
+        if settings["stack"] and (previous != name or _read_cache(project).get("reloaded") != name):
+            result["reload"] = _reported(project, env, "reload", name)(
+                lambda: __salt__["release_stack.reload"](project, release=name)
+            )
+            _remember(project, settings, reloaded=name)
+        return result
 
     return _reported(project, env, "activate", name)(work)
 
