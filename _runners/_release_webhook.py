@@ -148,8 +148,8 @@ def _check_standard(headers, body, secret, now):
 
 def parse_payload(body, headers):
     """The JSON payload: a JSON body, or GitHub's form-encoded ``payload=``."""
-    text = body.decode("utf-8", errors="strict") if isinstance(body, bytes) else body
     try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
         if "x-www-form-urlencoded" in (header(headers, "Content-Type") or ""):
             text = urllib.parse.parse_qs(text).get("payload", [""])[0]
         payload = json.loads(text)
