@@ -7,6 +7,7 @@ release.deployed state on master "m7" with minions m7-web1..2.
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -69,6 +70,12 @@ def m7(salt_factories, app_repo, m7_file_root, nodes_root, tmp_path_factory):
         with api.started(start_timeout=120):
             cluster.api_url = f"http://127.0.0.1:{port}"
             yield cluster
+            # pytestshellutils' after-stop sweep walks every process on the machine and dies
+            # on one that exits mid-walk (NoSuchProcess); the api's own process tree is still
+            # terminated, and we check below that nothing listens on the port any more.
+            api.listen_ports.clear()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 # ---------------------------------------------------------------- helpers
@@ -243,7 +250,7 @@ def test_ci_script_deploys_through_salt_api_run_and_streams_progress(m7):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert any(line.startswith("fetched v1.0.0") for line in lines), lines
-    assert any(line.startswith("DONE: rainbow_test_1.0.0_") for line in lines), lines
+    assert any(line.startswith("DONE: rainbow_test_v1.0.0_") for line in lines), lines
     release = next(line.split()[1] for line in lines if line.startswith("DONE: "))
     assert [current(m7, m) for m in MINIONS] == [release] * 2
     row = rows(m7, "SELECT * FROM runs WHERE release = ?", release)[0]
