@@ -17,6 +17,7 @@ setup(
         "salt_release.states",
         "salt_release.runners",
         "salt_release.utils",
+        "salt_release.pillar",
     ],
     package_dir={
         "salt_release": "salt_release",
@@ -24,6 +25,7 @@ setup(
         "salt_release.states": "_states",
         "salt_release.runners": "_runners",
         "salt_release.utils": "_utils",
+        "salt_release.pillar": "_pillar",
     },
     python_requires=">=3.9",
     install_requires=["salt>=3006", "GitPython>=3.1"],

@@ -41,11 +41,14 @@ import _release_lock as locking
 import _release_rollout as rollout
 import _release_source as source
 import _release_store as store
+import _release_webhook as hook
 
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
+    from salt_release.utils import release_published as published
 except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
     import release_contract as contract
+    import release_published as published
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +234,7 @@ def stage(run):
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     shutil.move(run.tarball, dest)
     run.tarball = dest
+    published.write_checksum(dest, run.sha256)  # so highstate can name a release without its hash
 
 
 def plan(run):
@@ -306,6 +310,8 @@ def record(run):
         ret["error"] = run.error or "no node was deployed"
         ret["failed_step"] = run.failed_step
     run.records.update_run(run.record_id, commit=run.commit, release=run.name)
+    if ok:  # highstate's view of the environment (the release_fleet ext_pillar)
+        published.record_fleet_release(run.state_dir, run.project, run.env, run.name, run.source_url, run.sha256, run.jid)
     run.records.finish_run(
         run.record_id, ok, ret["duration_s"], ret.get("error"),
         {"failed_step": run.failed_step, "nodes": run.nodes},
@@ -525,3 +531,54 @@ def _fire(run, parts, data):
 
 def _jid():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d%H%M%S%f")
+
+
+# ---------------------------------------------------------------- webhook
+
+
+def webhook(project, body="", headers=None, gitlab_token_sha256=None, **kwargs):
+    """
+    Deploy what a verified git push asks for; called by the reactor on
+    ``salt/netapi/hook/release/<project>`` (see ``salt/reactor/release_webhook.sls``).
+    Refusals fire ``release/<project>/webhook/refused`` and leave a history row.
+
+    CLI Example (what the reactor runs):
+
+    .. code-block:: bash
+
+        salt-run release.webhook rainbow body='{"ref": "refs/heads/dev", ...}' \\
+            headers='{"X-Hub-Signature-256": "sha256=...", "X-Github-Event": "push"}'
+    """
+    conf = _release_opts()
+    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body or b"")
+    try:
+        push = hook.read_push(project, raw, headers or {}, conf["projects"], gitlab_token_sha256)
+        if not hook.claim_delivery(conf["state_dir"], project, push["keys"]):
+            raise hook.Ignored(f"delivery {push['delivery'] or '(no id)'} was handled before")
+    except hook.Refused as exc:
+        return _refuse_webhook(conf, project, exc.reason, str(exc))
+    except hook.Ignored as exc:
+        return {"result": True, "project": project, "deploys": {}, "comment": str(exc), "retcode": 0}
+    deploys = {
+        env: deploy(project, env, push["ref"], author=push["author"], trigger="webhook")
+        for env in push["envs"]
+    }
+    if any(ret.get("failed_step") == "lock" for ret in deploys.values()):
+        hook.forget_delivery(conf["state_dir"], project, push["keys"])  # a redelivery may deploy
+        _refuse_webhook(conf, project, "locked", "; ".join(r["error"] for r in deploys.values() if r.get("error")),
+                        record=False)  # deploy() already wrote the history row
+    ok = all(ret["result"] for ret in deploys.values())
+    return {"result": ok, "project": project, "ref": push["ref"], "author": push["author"],
+            "delivery": push["delivery"], "deploys": deploys, "retcode": 0 if ok else 1}
+
+
+def _refuse_webhook(conf, project, reason, error, record=True):
+    """Say no on the bus and in the history; never with the request's headers or secret."""
+    name = contract.sanitize_field(project)
+    data = {"project": name, "reason": reason, "error": error}
+    if record:
+        store.Store(conf["state_dir"]).record("refused", name, result=False, error=error,
+                                              trigger="webhook", details={"reason": reason})
+    with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=False) as bus:
+        bus.fire_event(data, contract.event_tag(name, "webhook", "refused"))
+    return dict(data, result=False, refused=True, retcode=1)

@@ -1,0 +1,119 @@
+"""
+Keep a node on its environment's release: ``release.deployed`` for highstate.
+
+The release to run, its source and its sha256 come from the ``release_fleet``
+pillar (see ``_pillar/release_fleet.py``) unless given; a release named by
+hand is fetched from the master's staged artifacts, and its hash read from
+the ``<name>.tar.gz.sha256`` file the runner stages beside it. The minion's
+``release.install`` checks the downloaded tarball against that hash, so the
+node runs exactly the artifact the master serves.
+
+.. code-block:: yaml
+
+    rainbow:
+      release.deployed: []          # whatever the fleet runs
+
+    rainbow-pinned:
+      release.deployed:
+        - name: rainbow
+        - release: rainbow_test_1.1.0_master_2026-11-26_101500_alice
+"""
+
+import posixpath
+
+from salt.exceptions import CommandExecutionError
+
+try:  # installed with pip: salt_release is an ordinary package
+    from salt_release.utils import release_published as published
+except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
+    import release_published as published
+
+__virtualname__ = "release"
+
+
+def __virtual__():
+    if "release.install" not in __salt__:
+        return (False, "release state: the release execution module is not loaded")
+    return __virtualname__
+
+
+def deployed(name, release=None, source=None, source_hash=None, env=None):
+    """
+    Make ``current`` of project ``name`` point at ``release`` (default: the
+    fleet release from pillar), installing it first if needed. Idempotent;
+    ``test=True`` says what would change.
+
+    name
+        The project.
+    release
+        The release name; default ``release_fleet:<name>:release`` from pillar.
+    source, source_hash
+        Where to fetch the tarball and its ``sha256``; default the master's staged
+        artifact and the checksum file beside it.
+    env
+        The environment named in the node's events; default the fleet record's.
+    """
+    ret = {"name": name, "result": False, "changes": {}, "comment": ""}
+    try:
+        target = _target(name, release, source, source_hash, env)
+        if target is None:
+            ret.update(result=True, comment=f"no release of {name} has been deployed to this node's environment yet")
+            return ret
+        old = __salt__["release.current"](name)
+        if old == target["release"]:
+            ret.update(result=True, comment=f"{name} already runs {old}")
+            return ret
+        if __opts__["test"]:
+            ret.update(result=None, changes={"old": old, "new": target["release"]},
+                       comment=f"{name} would switch from {old} to {target['release']}")
+            return ret
+        _install_and_activate(name, target)
+    except CommandExecutionError as exc:
+        ret["comment"] = str(exc)
+        return ret
+    ret.update(result=True, changes={"old": old, "new": target["release"]},
+               comment=f"{name} switched from {old} to {target['release']}")
+    return ret
+
+
+def _target(project, release, source, source_hash, env):
+    """What to run: ``{release, source, source_hash, env}``, or None when nothing is known."""
+    fleet = (__pillar__.get("release_fleet") or {}).get(project) or {}
+    release = release or fleet.get("release")
+    if not release:
+        return None
+    same = release == fleet.get("release")
+    if not source:
+        source = fleet.get("source") if same else _beside(fleet.get("source"), release)
+    if not source:
+        raise CommandExecutionError(
+            f"cannot tell where {release} is staged: give source= (no fleet release of {project} in pillar)"
+        )
+    if not source_hash:
+        source_hash = fleet.get("source_hash") if same else _staged_hash(source)
+    return {"release": release, "source": source, "source_hash": source_hash,
+            "env": env or fleet.get("env")}
+
+
+def _beside(fleet_source, release):
+    """The staged tarball of ``release``: in the same folder as the fleet release's."""
+    if not fleet_source:
+        return None
+    return posixpath.join(posixpath.dirname(fleet_source), f"{release}.tar.gz")
+
+
+def _staged_hash(source):
+    text = __salt__["cp.get_file_str"](published.checksum_path(source))
+    digest = published.parse_checksum(text or "")
+    if not digest:
+        raise CommandExecutionError(
+            f"no checksum for {source} on the master ({published.checksum_path(source)}): give source_hash="
+        )
+    return f"sha256={digest}"
+
+
+def _install_and_activate(project, target):
+    """Both raise CommandExecutionError on failure; ``current`` only moves after a good install."""
+    name = target["release"]
+    __salt__["release.install"](project, name, target["source"], target["source_hash"], env=target["env"])
+    __salt__["release.activate"](project, name, env=target["env"])

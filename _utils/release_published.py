@@ -1,0 +1,76 @@
+"""
+What the master publishes for highstate: each staged artifact's sha256 in a
+file beside it, and each environment's fleet release (the release its last
+good deploy put on every node).
+
+The runner writes both; the ``release_fleet`` ext_pillar reads the fleet
+records and the ``release.deployed`` state reads the checksum files through
+the master's fileserver. Standard library only (synced as ``_utils`` or
+installed as ``salt_release.utils.release_published``).
+"""
+
+import datetime
+import json
+import os
+
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def checksum_path(tarball):
+    return tarball + CHECKSUM_SUFFIX
+
+
+def write_checksum(tarball, sha256):
+    """``<name>.tar.gz.sha256`` beside the staged tarball, in ``sha256sum`` format."""
+    _write_atomically(checksum_path(tarball), f"{sha256}  {os.path.basename(tarball)}\n")
+
+
+def parse_checksum(text):
+    """The hex digest from a checksum file's text, or None when it holds none."""
+    field = (text or "").split()[:1]
+    digest = field[0].lower() if field else ""
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    return None
+
+
+def _fleet_dir(state_dir):
+    return os.path.join(state_dir, "fleet")
+
+
+def record_fleet_release(state_dir, project, env, release, source, sha256, jid=None):
+    """After a good deploy: ``env`` of ``project`` now runs ``release`` everywhere."""
+    doc = {
+        "project": project, "env": env, "release": release, "source": source,
+        "source_hash": f"sha256={sha256}", "jid": jid,
+        "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+    }
+    path = os.path.join(_fleet_dir(state_dir), project, f"{env}.json")
+    _write_atomically(path, json.dumps(doc, indent=1, sort_keys=True))
+
+
+def fleet_releases(state_dir, project):
+    """``{env: record}`` for every environment of ``project`` with a good deploy."""
+    folder = os.path.join(_fleet_dir(state_dir), project)
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for filename in names:
+        try:
+            with open(os.path.join(folder, filename), encoding="utf-8") as handle:
+                doc = json.load(handle)
+        except (OSError, ValueError):
+            continue  # a torn or foreign file is no fleet release
+        found[filename[: -len(".json")]] = doc
+    return found
+
+
+def _write_atomically(path, text):
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
