@@ -16,7 +16,6 @@ This module stands alone (standard library and Salt): minions receive it by
 ``saltutil.sync_all`` or from the ``salt_release`` pip package.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -220,17 +219,9 @@ def _fetch(source):
     return cached
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _verify(path, source_hash):
     expected = source_hash.split("=", 1)[-1].lower()
-    actual = _sha256(path)
+    actual = contract.sha256_file(path)
     if actual != expected:
         raise CommandExecutionError(
             f"checksum mismatch for {os.path.basename(path)}: expected sha256 {expected}, got {actual}"
@@ -309,7 +300,7 @@ def _unpacked_release(paths, name, source, source_hash, settings):
         _link_shared(partial, paths, settings)
         _protect(partial)
         with open(os.path.join(partial, ARTIFACT_HASH_FILE), "w", encoding="utf-8") as handle:
-            handle.write(_sha256(archive) + "\n")
+            handle.write(contract.sha256_file(archive) + "\n")
         os.chmod(os.path.join(partial, ARTIFACT_HASH_FILE), 0o644)
         os.rename(partial, target)
     except (OSError, CommandExecutionError) as exc:

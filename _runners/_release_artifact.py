@@ -7,7 +7,6 @@ the ``RELEASE.json`` manifest and is staged under
 serves as ``salt://<path of artifact_root in file_roots>/<project>/<name>.tar.gz``.
 """
 
-import hashlib
 import io
 import json
 import os
@@ -74,15 +73,7 @@ def package(tree, manifest_doc, dest):
         info.size, info.mode, info.mtime = len(manifest), 0o644, int(time.time())
         tar.addfile(info, io.BytesIO(manifest))
     os.replace(tmp, dest)
-    return sha256_of(dest), manifest_doc
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return contract.sha256_file(dest), manifest_doc
 
 
 def salt_url(artifact_root, file_roots, project, name):
