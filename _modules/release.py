@@ -231,16 +231,23 @@ def _verify(path, source_hash):
 def _unpack(archive, dest):
     """
     Extract into a fresh empty folder with tarfile's 'data' filter, which
-    refuses absolute paths, '..', links leaving the tree, devices and fifos,
-    and clears setuid and group/other write bits.
+    refuses '..', links leaving the tree, devices and fifos, and clears
+    setuid and group/other write bits; absolute paths are refused too.
     """
     os.mkdir(dest, 0o755)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(dest, filter="data")
+            tar.extractall(dest, filter=_strict_data_filter)
     except (tarfile.TarError, OSError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise CommandExecutionError(f"refused to unpack {os.path.basename(archive)}: {exc}")
+
+
+def _strict_data_filter(member, dest):
+    """tarfile's 'data' filter, except that an absolute name is refused, not made relative."""
+    if member.name.startswith("/"):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
 
 
 def _read_manifest(release_dir, name):
@@ -357,7 +364,7 @@ def install(project, name, source, source_hash, env=None, fence=None, **kwargs):
         _remember(project, settings)
         _check_fence(project, fence)
         target = os.path.join(paths["releases"], name)
-        expected = source_hash.split("=", 1)[-1].lower()
+        expected = str(source_hash).split("=", 1)[-1].lower()  # the CLI may type digits as int
         if os.path.isdir(target):
             if _installed_hash(target) != expected:
                 raise CommandExecutionError(

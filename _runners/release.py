@@ -495,7 +495,12 @@ def _commands(run, key):
     if not commands:
         return
     timeout_s = run.config.get("build_timeout_s", DEFAULT_BUILD_TIMEOUT_S)
-    run.output[key] = artifact.run_commands(commands, run.tree, key, timeout_s)
+    try:
+        run.output[key] = artifact.run_commands(commands, run.tree, key, timeout_s)
+    except artifact.ArtifactError as exc:
+        # Keep the tail under the config key ("checks"), as a passing run does.
+        run.output[key] = exc.tail
+        raise DeployError(str(exc))
     _say(run, f"{key}: {len(commands)} command(s) passed")
 
 
