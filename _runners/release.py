@@ -264,10 +264,8 @@ def install(run):
     failed = _note_outcomes(run, "install", outcomes)
     over = [w.name for w in run.waves if len(set(failed) & set(w.minions)) > w.budget]
     if over:
-        raise DeployError(
-            f"install failed on {', '.join(failed)} (over the failure budget of wave "
-            f"{', '.join(over)}): no node was switched"
-        )
+        budget = "" if all(w.budget == 0 for w in run.waves) else f" (over the failure budget of {', '.join(over)})"
+        raise DeployError(f"install failed on {', '.join(failed)}{budget}: no node was switched")
     for wave in run.waves:
         wave.minions = [m for m in wave.minions if m not in failed]
     if failed:
