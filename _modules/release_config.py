@@ -80,7 +80,10 @@ def _project_pillar(project):
     """
     errors = __pillar__.get("_errors")
     if errors:
-        failed = sorted(set(re.findall(r"SLS '([^']+)'", " ".join(map(str, errors)))))
+        text = " ".join(map(str, errors))
+        failed = sorted(set(re.findall(r"SLS '([^']+)'", text)))
+        if re.search("top file", text, re.IGNORECASE):
+            failed.insert(0, "the top file")
         where = f" (SLS: {', '.join(failed)})" if failed else ""
         raise CommandExecutionError(
             f"this node's pillar failed to render{where}, for example an undecryptable "
