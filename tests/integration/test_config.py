@@ -375,3 +375,13 @@ def test_canary_secret_appears_only_in_rendered_files(m3):
     for root in (os.path.join(master["cachedir"], "jobs"), m3.release_config["state_dir"],
                  m3.release_config["artifact_root"]):
         assert not _holders(root, needles), root
+    # Wider: every file of every daemon. The one holder is Salt's own pillar cache on
+    # the master (written whenever minion_data_cache is on, the default), root-only,
+    # beside the gpg private key that decrypts the same secrets anyway.
+    for daemon in m3.minions:
+        assert not _holders(daemon.config["root_dir"], needles), daemon.id
+    pillar_cache = os.path.join(master["cachedir"], "pillar")
+    for path in _holders(master["root_dir"], needles):
+        assert os.path.dirname(path) == pillar_cache, path
+        assert not os.stat(path).st_mode & 0o077, path
+
