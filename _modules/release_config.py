@@ -36,13 +36,9 @@ import tempfile
 import time
 import traceback
 
+import jinja2  # a dependency of Salt itself
+import jinja2.sandbox
 from salt.exceptions import CommandExecutionError
-
-try:
-    import jinja2
-    import jinja2.sandbox
-except ImportError:  # pragma: no cover - Salt always ships Jinja
-    jinja2 = None
 
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
@@ -63,8 +59,6 @@ DEFAULT_MODE = {"root": 0o640, "app": 0o600}
 
 
 def __virtual__():
-    if jinja2 is None:
-        return (False, "release_config: needs Jinja2")
     return __virtualname__
 
 
