@@ -278,7 +278,7 @@ def test_dry_run_shows_which_files_would_change(m3):
     m3.pillar.node_hosts["m3-web2"] = "10.0.2.2"
     m3.pillar.write()
     before = snapshot(m3)
-    res, ret = deploy(m3, "v1.1.0", "test=True")
+    res, ret = deploy(m3, "v1.1.0", "diff=True")
     assert res.returncode == 0 and ret["result"], json.dumps(ret, indent=1)
     assert snapshot(m3) == before
     statuses = {m: {p: e["status"] for p, e in ret["nodes"][m]["files"].items()} for m in MINIONS}
