@@ -4,10 +4,10 @@ atomic switch on every node.
 
 A deploy is a pipeline of named steps, each one short function below:
 
-    lock -> fetch -> build -> check -> package -> stage -> plan -> configure -> install
+    lock -> fetch -> build -> check -> package -> stage -> plan -> config_check -> install
          -> activate -> record
 
-``diff=True`` stops after ``configure``: each node reports which config files
+``diff=True`` stops after ``config_check``: each node reports which config files
 would change (names and sha256, never contents) and nothing is installed.
 
 ``activate`` is the safe rollout (``_release_rollout.py``): wave by wave,
@@ -138,9 +138,9 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, **
     run = _begin(project, env, ref, author, trigger, kwargs)
     try:
         with _locked(run, "deploy", wait):
-            steps = (fetch, build, check, package, stage, plan, configure, install, activate)
+            steps = (fetch, build, check, package, stage, plan, config_check, install, activate)
             if kwargs.get("diff"):  # report each node's config changes, install nothing
-                steps = steps[:steps.index(configure) + 1]
+                steps = steps[:steps.index(config_check) + 1]
             for step in steps:
                 _step(run, step)
     except DeployError as exc:
@@ -259,7 +259,7 @@ def plan(run):
         _say(run, f"wave {wave.name}: {batches} (may fail: {wave.budget})")
 
 
-def configure(run):
+def config_check(run):
     """Every node renders its config in a dry run; one that cannot stops the deploy untouched."""
     outcomes = nodeconfig.preflight(
         __opts__, run.minions, run.project, run.name, run.source_url, run.sha256, run.env,

@@ -331,7 +331,7 @@ def test_bad_input_is_refused_before_any_node_changes(m3, keyrings, case):
     finally:
         m3.pillar.write()
     assert res.returncode == 1 and ret["retcode"] == 1 and not ret["result"], ret
-    assert ret["failed_step"] == "configure", ret
+    assert ret["failed_step"] == "config_check", ret
     assert "m3-web3" in ret["error"] and "no node was touched" in ret["error"]
     assert message in ret["nodes"]["m3-web3"]["error"], ret["nodes"]["m3-web3"]
     assert snapshot(m3) == before
