@@ -303,9 +303,11 @@ def _unpacked_release(paths, name, source, source_hash, settings):
         shutil.rmtree(partial)  # a leftover of an interrupted install of this very release
     _unpack(archive, partial)
     try:
-        _read_manifest(partial, name)
+        manifest = _read_manifest(partial, name)
         _link_shared(partial, paths, settings)
         _protect(partial)
+        # Config rendered into the release itself, so a rollback brings its config back.
+        __salt__["release_config.render"](manifest["project"], partial, manifest, env=manifest["env"])
         with open(os.path.join(partial, ARTIFACT_HASH_FILE), "w", encoding="utf-8") as handle:
             handle.write(contract.sha256_file(archive) + "\n")
         os.chmod(os.path.join(partial, ARTIFACT_HASH_FILE), 0o644)

@@ -4,7 +4,11 @@ atomic switch on every node.
 
 A deploy is a pipeline of named steps, each one short function below:
 
-    lock -> fetch -> build -> check -> package -> stage -> plan -> install -> activate -> record
+    lock -> fetch -> build -> check -> package -> stage -> plan -> config_check -> install
+         -> activate -> record
+
+``diff=True`` stops after ``config_check``: each node reports which config files
+would change (names and sha256, never contents) and nothing is installed.
 
 ``activate`` is the safe rollout (``_release_rollout.py``): wave by wave,
 batch by batch, each node drained, switched, reloaded, verified and put back;
@@ -36,6 +40,7 @@ import uuid
 import salt.utils.event
 
 import _release_artifact as artifact
+import _release_config as nodeconfig
 import _release_fleet as fleet
 import _release_lock as locking
 import _release_rollout as rollout
@@ -126,13 +131,17 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, **
         salt-run release.deploy rainbow env=test ref=v1.1.0
         salt-run release.deploy rainbow env=pro ref=master author=alice wait=60
         salt-run release.deploy rainbow env=pro ref=v1.2.0 test=True
+        salt-run release.deploy rainbow env=pro ref=v1.2.0 diff=True
     """
     if test:
         return _plan_only(project, env, ref, author)
     run = _begin(project, env, ref, author, trigger, kwargs)
     try:
         with _locked(run, "deploy", wait):
-            for step in (fetch, build, check, package, stage, plan, install, activate):
+            steps = (fetch, build, check, package, stage, plan, config_check, install, activate)
+            if kwargs.get("diff"):  # report each node's config changes, install nothing
+                steps = steps[:steps.index(config_check) + 1]
+            for step in steps:
                 _step(run, step)
     except DeployError as exc:
         run.error = run.error or str(exc)
@@ -248,6 +257,23 @@ def plan(run):
     for wave in run.waves:
         batches = " | ".join(", ".join(batch) for batch in wave.batches)
         _say(run, f"wave {wave.name}: {batches} (may fail: {wave.budget})")
+
+
+def config_check(run):
+    """Every node renders its config in a dry run; one that cannot stops the deploy untouched."""
+    outcomes = nodeconfig.preflight(
+        __opts__, run.minions, run.project, run.name, run.source_url, run.sha256, run.env,
+        run.config.get("install_timeout_s", DEFAULT_INSTALL_TIMEOUT_S),
+    )
+    # Strict, whatever the waves' failure budgets: a config error is in pillar or
+    # templates, and would fail the same way on the next node.
+    failed = _note_outcomes(run, "configure", outcomes)
+    for minion, (ok, value) in sorted(outcomes.items()):
+        if ok:
+            run.nodes[minion]["files"] = value["files"]
+            _say(run, f"{minion} config: {nodeconfig.summary(value['files'])}")
+    if failed:
+        raise DeployError(f"config check failed on {', '.join(failed)}: no node was touched")
 
 
 def install(run):

@@ -39,7 +39,7 @@ NAME_PATTERN = re.compile(
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
 
 # Phases a node reports on the event bus, in the order a deploy runs them.
-PHASES = ("install", "drain", "activate", "reload", "verify", "undrain", "rollback")
+PHASES = ("configure", "install", "drain", "activate", "reload", "verify", "undrain", "rollback")
 TAG_PREFIX = "release"
 
 
