@@ -172,8 +172,9 @@ def _release_names(paths):
     except FileNotFoundError:
         return []
     names = [
-        e for e in entries
-        if contract.is_release_name(e) and os.path.isdir(os.path.join(paths["releases"], e))
+        e for e in entries  # an interrupted install's <name>.partial parses as a name too: never a release
+        if contract.is_release_name(e) and not e.endswith(PARTIAL_SUFFIX)
+        and os.path.isdir(os.path.join(paths["releases"], e))
     ]
     return sorted(names, key=contract.release_sort_key)
 
