@@ -486,6 +486,9 @@ def _roll(run, targets, **activate_kwarg):
             node.update(result=False, error="not switched: the rollout stopped before its batch")
     if outcome.reverted:
         _say(run, f"rolled back {', '.join(outcome.reverted)}")
+    if outcome.stopped and outcome.reverted:
+        # A release the rollout gave up on is bad; one that failed on a node within the
+        # failure budget still runs on the others and stays eligible.
         run.records.mark_bad(run.project, run.env, sorted({targets[m] for m in outcome.reverted}), run.record_id)
     if outcome.stopped:
         raise DeployError(outcome.stopped + ("; switched nodes were rolled back" if outcome.reverted else ""))
