@@ -29,8 +29,10 @@ from salt.exceptions import CommandExecutionError
 
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
+    from salt_release.utils import release_delta as delta
 except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
     import release_contract as contract
+    import release_delta as delta
 
 log = logging.getLogger(__name__)
 
@@ -295,21 +297,47 @@ def _protect(release_dir):
                 os.chmod(entry, os.lstat(entry).st_mode & 0o755)
 
 
-def _unpacked_release(paths, name, source, source_hash, settings):
-    """Fetch, verify and unpack into releases/<name>.partial, then rename it in place."""
+def _from_delta(paths, partial, settings, delta_source, delta_hash, base):
+    """
+    Build the partial release from a delta and the installed base; returns
+    None when it did, else why not (the caller then uses the full artifact).
+    """
+    base_dir = os.path.join(paths["releases"], base or "")
+    if not (delta_source and delta_hash and contract.is_release_name(base) and os.path.isdir(base_dir)):
+        return f"base release {base} is not installed here" if delta_source else "no delta offered"
+    try:
+        archive = _fetch(delta_source)
+        _verify(archive, delta_hash)
+        delta.apply(archive, base, base_dir, partial, skip=settings["shared"])
+    except (CommandExecutionError, delta.DeltaRefused, OSError) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        log.warning("release: delta against %s not used, installing the full artifact: %s", base, exc)
+        return str(exc)
+    return None
+
+
+def _unpacked_release(paths, name, source, source_hash, settings, delta_offer=None):
+    """
+    Fetch, verify and unpack into releases/<name>.partial (from a delta when
+    one is offered and the base checks out), then rename it in place. Returns
+    why the delta was not used (None when it was).
+    """
     target = os.path.join(paths["releases"], name)
     partial = target + PARTIAL_SUFFIX
-    archive = _fetch(source)
-    _verify(archive, source_hash)
     if os.path.lexists(partial):
         shutil.rmtree(partial)  # a leftover of an interrupted install of this very release
-    _unpack(archive, partial)
+    not_delta = _from_delta(paths, partial, settings, **(delta_offer or {}))
+    if not_delta:
+        archive = _fetch(source)
+        _verify(archive, source_hash)
+        _unpack(archive, partial)
     try:
         _read_manifest(partial, name)
         _link_shared(partial, paths, settings)
         _protect(partial)
+        # The full artifact's hash, verified above or rebuilt file by file from a verified delta.
         with open(os.path.join(partial, ARTIFACT_HASH_FILE), "w", encoding="utf-8") as handle:
-            handle.write(_sha256(archive) + "\n")
+            handle.write(source_hash + "\n")
         os.chmod(os.path.join(partial, ARTIFACT_HASH_FILE), 0o644)
         os.rename(partial, target)
     except (OSError, CommandExecutionError) as exc:
@@ -317,7 +345,7 @@ def _unpacked_release(paths, name, source, source_hash, settings):
         if isinstance(exc, CommandExecutionError):
             raise
         raise CommandExecutionError(f"could not install {name}: {exc}")
-    return target
+    return not_delta
 
 
 def _installed_hash(release_dir):
@@ -344,11 +372,17 @@ def _check_fence(project, fence):
         _remember(project, {}, fence=int(fence))
 
 
-def install(project, name, source, source_hash, env=None, fence=None, **kwargs):
+def install(project, name, source, source_hash, env=None, fence=None,
+            delta_source=None, delta_hash=None, base=None, **kwargs):
     """
     Fetch a release tarball, verify its sha256 and unpack it safely into
     ``releases/<name>``, linking the shared paths. Installing the same name and
     checksum again changes nothing; a bad artifact changes nothing.
+
+    With ``delta_source``/``delta_hash``/``base`` (offered by the runner) a
+    node that has ``releases/<base>`` fetches only the delta and carries the
+    unchanged files over from the base after checking each one; on any doubt
+    it installs the full artifact. The return's ``transfer`` says which.
 
     CLI Example:
 
@@ -373,8 +407,10 @@ def install(project, name, source, source_hash, env=None, fence=None, **kwargs):
                     f"release {name} is already installed from a different artifact; refusing to replace it"
                 )
             return {"result": True, "release": name, "changed": False, "path": target}
-        _unpacked_release(paths, name, source, expected, settings)
-        return {"result": True, "release": name, "changed": True, "path": target}
+        offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
+        not_delta = _unpacked_release(paths, name, source, expected, settings, offer)
+        transfer = {"transfer": "full", "delta_refused": not_delta} if not_delta else {"transfer": "delta", "base": base}
+        return {"result": True, "release": name, "changed": True, "path": target, **transfer}
 
     return _reported(project, env, "install", name)(work)
 

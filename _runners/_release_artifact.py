@@ -11,14 +11,17 @@ import hashlib
 import io
 import json
 import os
+import collections
 import subprocess
 import tarfile
 import time
 
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
+    from salt_release.utils import release_delta as delta
 except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
     import release_contract as contract
+    import release_delta as delta
 
 OUTPUT_TAIL_LINES = 20
 
@@ -98,6 +101,37 @@ def salt_url(artifact_root, file_roots, project, name):
         f"artifact_root {artifact_root} is not inside any base file_roots directory "
         f"({', '.join(file_roots) or 'none configured'}): minions could not fetch it"
     )
+
+
+def stage_delta(tarball, name, currents, file_roots):
+    """
+    Stage ``<name>.delta.tar.gz`` beside the staged ``tarball``, against the
+    release most nodes run (``currents``: minion -> release or None). Returns
+    the install kwargs that offer it (``delta_source``, ``delta_hash``,
+    ``base``) and a line saying what was done; no offer when no delta pays.
+    """
+    running = collections.Counter(r for r in currents.values() if r and r != name)
+    if not running:
+        return {}, "no delta: no node runs an earlier release"
+    base = running.most_common(1)[0][0]
+    folder = os.path.dirname(tarball)
+    dest = os.path.join(folder, f"{name}.delta.tar.gz")
+    try:
+        built = delta.build(tarball, os.path.join(folder, f"{base}.tar.gz"), base, dest)
+    except (OSError, EOFError, tarfile.TarError) as exc:  # a damaged base artifact: send the full one
+        built, why = None, f"{base}'s artifact is unreadable ({exc})"
+    else:
+        why = "its artifact is gone or the delta would not pay"
+    if built is None:
+        return {}, f"no delta against {base}: {why}"
+    offer = {
+        "delta_source": salt_url(os.path.dirname(folder), file_roots, os.path.basename(folder), f"{name}.delta"),
+        "delta_hash": sha256_of(dest),
+        "base": base,
+    }
+    size, full = os.path.getsize(dest), os.path.getsize(tarball)
+    return offer, (f"delta against {base}: {built['sent']} entries sent, {built['unchanged']} carried over "
+                   f"({size} of {full} bytes, {100.0 * size / full:.1f}%)")
 
 
 def _entries_in(tree):

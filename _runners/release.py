@@ -4,7 +4,7 @@ atomic switch on every node.
 
 A deploy is a pipeline of named steps, each one short function below:
 
-    lock -> fetch -> build -> check -> package -> stage -> plan -> install -> activate -> record
+    lock -> fetch -> build -> check -> package -> stage -> plan -> delta -> install -> activate -> record
 
 ``activate`` is the safe rollout (``_release_rollout.py``): wave by wave,
 batch by batch, each node drained, switched, reloaded, verified and put back;
@@ -92,6 +92,7 @@ class Run:
     source_url: str = None
     sha256: str = None
     manifest: dict = None
+    delta_offer: dict = dataclasses.field(default_factory=dict)
     waves: list = dataclasses.field(default_factory=list)
     previous: dict = dataclasses.field(default_factory=dict)
     hosts: dict = dataclasses.field(default_factory=dict)
@@ -132,7 +133,7 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, **
     run = _begin(project, env, ref, author, trigger, kwargs)
     try:
         with _locked(run, "deploy", wait):
-            for step in (fetch, build, check, package, stage, plan, install, activate):
+            for step in (fetch, build, check, package, stage, plan, delta, install, activate):
                 _step(run, step)
     except DeployError as exc:
         run.error = run.error or str(exc)
@@ -250,6 +251,14 @@ def plan(run):
         _say(run, f"wave {wave.name}: {batches} (may fail: {wave.budget})")
 
 
+def delta(run):
+    """Stage a delta against the release most nodes run, so they fetch only what changed."""
+    if run.config.get("delta", True):
+        roots = __opts__["file_roots"].get("base", [])
+        run.delta_offer, said = artifact.stage_delta(run.tarball, run.name, run.previous, roots)
+        _say(run, said)
+
+
 def install(run):
     """
     Stage the release on every node of every wave, in parallel, before any
@@ -258,7 +267,8 @@ def install(run):
     """
     outcomes = fleet.run_on(
         __opts__, run.minions, "release.install", arg=[run.project, run.name],
-        kwarg={"source": run.source_url, "source_hash": run.sha256, "env": run.env, "fence": run.fence},
+        kwarg={"source": run.source_url, "source_hash": run.sha256, "env": run.env, "fence": run.fence,
+               **run.delta_offer},
         timeout_s=run.config.get("install_timeout_s", DEFAULT_INSTALL_TIMEOUT_S),
     )
     failed = _note_outcomes(run, "install", outcomes)
