@@ -24,7 +24,7 @@ import stat
 import tarfile
 
 DELTA_MANIFEST = ".release-delta.json"
-# A delta that is not much smaller than the full artifact saves nothing worth its risk.
+# A delta that is not much smaller than the full artifact saves nothing worth its cost.
 MAX_DELTA_RATIO = 0.5
 
 
@@ -34,8 +34,8 @@ class DeltaRefused(Exception):
 
 def member_digests(tarball):
     """
-    ``{path: (sha256, mode)}`` of every regular file in a tarball; None when
-    the tarball holds hard-link members (a delta could drop their target).
+    ``{path: (sha256, mode, size)}`` of every regular file in a tarball; None
+    when the tarball holds hard-link members (a delta could drop their target).
     """
     found = {}
     with tarfile.open(tarball, "r:*") as tar:
@@ -43,7 +43,7 @@ def member_digests(tarball):
             if member.islnk():
                 return None
             if member.isreg():
-                found[member.name] = (_digest(tar.extractfile(member)), member.mode)
+                found[member.name] = (_digest(tar.extractfile(member)), member.mode, member.size)
     return found
 
 
@@ -52,7 +52,7 @@ def build(full_tarball, base_tarball, base_name, dest):
     Write the delta of ``full_tarball`` against ``base_tarball`` to ``dest``
     (the release manifest always differs, so it is always sent). Returns
     ``{"unchanged": n, "sent": n}``, or None when a delta would not pay
-    (no base, hard links, or over MAX_DELTA_RATIO of the full size).
+    (no base, hard links, or more than MAX_DELTA_RATIO of the bytes changed).
     """
     if not os.path.isfile(base_tarball):
         return None
@@ -61,9 +61,12 @@ def build(full_tarball, base_tarball, base_name, dest):
         return None
     unchanged = {
         path: {"sha256": digest, "mode": mode}
-        for path, (digest, mode) in new.items()
-        if base.get(path) == (digest, mode)
+        for path, (digest, mode, _) in new.items()
+        if base.get(path, ())[:2] == (digest, mode)
     }
+    changed_bytes = sum(size for path, (_, _, size) in new.items() if path not in unchanged)
+    if changed_bytes > MAX_DELTA_RATIO * sum(size for _, _, size in new.values()):
+        return None
     tmp = f"{dest}.{os.getpid()}.tmp"
     with tarfile.open(full_tarball, "r:*") as src, tarfile.open(tmp, "w:gz", compresslevel=6) as out:
         sent = 0
@@ -75,9 +78,6 @@ def build(full_tarball, base_tarball, base_name, dest):
         info = tarfile.TarInfo(DELTA_MANIFEST)
         info.size, info.mode = len(doc), 0o644
         out.addfile(info, io.BytesIO(doc))
-    if os.path.getsize(tmp) > MAX_DELTA_RATIO * os.path.getsize(full_tarball):
-        os.unlink(tmp)
-        return None
     os.replace(tmp, dest)
     return {"unchanged": len(unchanged), "sent": sent}
 
