@@ -255,7 +255,7 @@ def delta(run):
     """Stage a delta against the release most nodes run, so they fetch only what changed."""
     if run.config.get("delta", True):
         roots = __opts__["file_roots"].get("base", [])
-        run.delta_offer, said = artifact.stage_delta(run.tarball, run.name, run.previous, roots)
+        run.delta_offer, said = artifact.stage_delta(run.tarball, run.tree, run.name, run.previous, roots)
         _say(run, said)
 
 

@@ -47,22 +47,20 @@ def member_digests(tarball):
     return found
 
 
-def build(full_tarball, base_tarball, base_name, dest):
+def build(full_tarball, new, base, base_name, dest):
     """
-    Write the delta of ``full_tarball`` against ``base_tarball`` to ``dest``
-    (the release manifest always differs, so it is always sent). Returns
-    ``{"unchanged": n, "sent": n}``, or None when a delta would not pay
-    (no base, hard links, or more than MAX_DELTA_RATIO of the bytes changed).
+    Write the delta of ``full_tarball`` against release ``base_name`` to
+    ``dest``; ``new`` and ``base`` are the two releases' ``{path: (sha256,
+    mode, size)}`` (the release manifest always differs, so it is always
+    sent). Returns ``{"unchanged": n, "sent": n}``, or None when a delta would
+    not pay (no file list, or more than MAX_DELTA_RATIO of the bytes changed).
     """
-    if not os.path.isfile(base_tarball):
-        return None
-    base, new = member_digests(base_tarball), member_digests(full_tarball)
     if base is None or new is None:
         return None
     unchanged = {
         path: {"sha256": digest, "mode": mode}
         for path, (digest, mode, _) in new.items()
-        if base.get(path, ())[:2] == (digest, mode)
+        if tuple(base.get(path, ()))[:2] == (digest, mode)
     }
     changed_bytes = sum(size for path, (_, _, size) in new.items() if path not in unchanged)
     if changed_bytes > MAX_DELTA_RATIO * sum(size for _, _, size in new.values()):
@@ -162,6 +160,11 @@ def _copy(src, dst):
 
 def _under(rel, prefixes):
     return any(rel == p.rstrip("/") or rel.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
+def digest_file(path):
+    with open(path, "rb") as handle:
+        return _digest(handle)
 
 
 def _digest(handle):

@@ -75,7 +75,8 @@ def pair(tmp_path):
 
 def build(tmp_path, new_tar, base_tar):
     dest = str(tmp_path / "art" / f"{NEW}.delta.tar.gz")
-    return dest, delta.build(new_tar, base_tar, BASE, dest)
+    base = delta.member_digests(base_tar) if os.path.exists(base_tar) else None
+    return dest, delta.build(new_tar, delta.member_digests(new_tar), base, BASE, dest)
 
 
 def test_delta_holds_only_what_changed(pair):
@@ -174,13 +175,30 @@ def test_no_delta_when_it_would_not_pay_or_the_base_is_gone(tmp_path):
 
 
 def test_stage_delta_offers_the_release_most_nodes_run(pair):
-    tmp_path, _, new_tar, _ = pair
+    tmp_path, base_tar, new_tar, _ = pair
     roots = [str(tmp_path)]
     currents = {"a": BASE, "b": BASE, "c": "app_test_v0_master_2025-01-01_000000_dev", "d": None}
-    offer, said = artifact.stage_delta(new_tar, NEW, currents, roots)
+    offer, said = artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, currents, roots)
     assert offer["base"] == BASE
     assert offer["delta_source"] == f"salt://art/{NEW}.delta.tar.gz"
     assert offer["delta_hash"] == artifact.sha256_of(str(tmp_path / "art" / f"{NEW}.delta.tar.gz"))
-    assert "carried over" in said
-    assert artifact.stage_delta(new_tar, NEW, {"a": None, "b": NEW}, roots) == (
+    assert "41 carried over" in said
+    assert artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": None, "b": NEW}, roots) == (
         {}, "no delta: no node runs an earlier release")
+
+
+def test_the_file_list_left_beside_the_artifact_matches_the_tarball(pair):
+    """The next delta reads this side file instead of decompressing the base artifact."""
+    tmp_path, _, new_tar, _ = pair
+    artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {}, [str(tmp_path)])
+    with open(tmp_path / "art" / f"{NEW}.files.json", encoding="utf-8") as handle:
+        side = {path: tuple(row) for path, row in json.load(handle).items()}
+    from_tar = delta.member_digests(new_tar)
+    from_tar.pop("RELEASE.json")
+    assert side == from_tar
+
+
+def test_a_tree_with_hard_links_gets_no_file_list(tmp_path):
+    write_tree(str(tmp_path), app_files(count=2))
+    os.link(tmp_path / "bin" / "run", tmp_path / "bin" / "again")
+    assert artifact.file_list(str(tmp_path)) is None
