@@ -16,7 +16,6 @@ This module stands alone (standard library and Salt): minions receive it by
 ``saltutil.sync_all`` or from the ``salt_release`` pip package.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -222,17 +221,15 @@ def _fetch(source):
     return cached
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _fetch_verified(source, source_hash):
+    archive = _fetch(source)
+    _verify(archive, source_hash)
+    return archive
 
 
 def _verify(path, source_hash):
     expected = source_hash.split("=", 1)[-1].lower()
-    actual = _sha256(path)
+    actual = contract.sha256_file(path)
     if actual != expected:
         raise CommandExecutionError(
             f"checksum mismatch for {os.path.basename(path)}: expected sha256 {expected}, got {actual}"
@@ -242,16 +239,23 @@ def _verify(path, source_hash):
 def _unpack(archive, dest):
     """
     Extract into a fresh empty folder with tarfile's 'data' filter, which
-    refuses absolute paths, '..', links leaving the tree, devices and fifos,
-    and clears setuid and group/other write bits.
+    refuses '..', links leaving the tree, devices and fifos, and clears
+    setuid and group/other write bits; absolute paths are refused too.
     """
     os.mkdir(dest, 0o755)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(dest, filter="data")
+            tar.extractall(dest, filter=_strict_data_filter)
     except (tarfile.TarError, OSError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise CommandExecutionError(f"refused to unpack {os.path.basename(archive)}: {exc}")
+
+
+def _strict_data_filter(member, dest):
+    """tarfile's 'data' filter, except that an absolute name is refused, not made relative."""
+    if member.name.startswith("/"):
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
 
 
 def _read_manifest(release_dir, name):
@@ -297,25 +301,6 @@ def _protect(release_dir):
                 os.chmod(entry, os.lstat(entry).st_mode & 0o755)
 
 
-def _from_delta(paths, partial, settings, delta_source, delta_hash, base):
-    """
-    Build the partial release from a delta and the installed base; returns
-    None when it did, else why not (the caller then uses the full artifact).
-    """
-    base_dir = os.path.join(paths["releases"], base or "")
-    if not (delta_source and delta_hash and contract.is_release_name(base) and os.path.isdir(base_dir)):
-        return f"base release {base} is not installed here" if delta_source else "no delta offered"
-    try:
-        archive = _fetch(delta_source)
-        _verify(archive, delta_hash)
-        delta.apply(archive, base, base_dir, partial, skip=settings["shared"])
-    except (CommandExecutionError, delta.DeltaRefused, OSError) as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        log.warning("release: delta against %s not used, installing the full artifact: %s", base, exc)
-        return str(exc)
-    return None
-
-
 def _unpacked_release(paths, name, source, source_hash, settings, delta_offer=None):
     """
     Fetch, verify and unpack into releases/<name>.partial (from a delta when
@@ -326,16 +311,20 @@ def _unpacked_release(paths, name, source, source_hash, settings, delta_offer=No
     partial = target + PARTIAL_SUFFIX
     if os.path.lexists(partial):
         shutil.rmtree(partial)  # a leftover of an interrupted install of this very release
-    not_delta = _from_delta(paths, partial, settings, **(delta_offer or {}))
+    not_delta = delta.try_apply(delta_offer or {}, paths["releases"], partial, _fetch_verified,
+                                (CommandExecutionError,), skip=settings["shared"])
     if not_delta:
-        archive = _fetch(source)
-        _verify(archive, source_hash)
-        _unpack(archive, partial)
+        _unpack(_fetch_verified(source, source_hash), partial)
     try:
-        _read_manifest(partial, name)
+        manifest = _read_manifest(partial, name)
         _link_shared(partial, paths, settings)
         _protect(partial)
+        # Config rendered into the release itself, so a rollback brings its config back.
+        __salt__["release_config.render"](manifest["project"], partial, manifest, env=manifest["env"])
         # The full artifact's hash, verified above or rebuilt file by file from a verified delta.
+        # Unlink first: an artifact file of that name may be hardlinked from the base release.
+        if os.path.lexists(os.path.join(partial, ARTIFACT_HASH_FILE)):
+            os.unlink(os.path.join(partial, ARTIFACT_HASH_FILE))
         with open(os.path.join(partial, ARTIFACT_HASH_FILE), "w", encoding="utf-8") as handle:
             handle.write(source_hash + "\n")
         os.chmod(os.path.join(partial, ARTIFACT_HASH_FILE), 0o644)
@@ -400,7 +389,7 @@ def install(project, name, source, source_hash, env=None, fence=None,
         _remember(project, settings)
         _check_fence(project, fence)
         target = os.path.join(paths["releases"], name)
-        expected = source_hash.split("=", 1)[-1].lower()
+        expected = str(source_hash).split("=", 1)[-1].lower()  # the CLI may type digits as int
         if os.path.isdir(target):
             if _installed_hash(target) != expected:
                 raise CommandExecutionError(

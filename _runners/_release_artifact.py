@@ -8,7 +8,6 @@ serves as ``salt://<path of artifact_root in file_roots>/<project>/<name>.tar.gz
 """
 
 import collections
-import hashlib
 import io
 import json
 import os
@@ -78,15 +77,7 @@ def package(tree, manifest_doc, dest):
         info.size, info.mode, info.mtime = len(manifest), 0o644, int(time.time())
         tar.addfile(info, io.BytesIO(manifest))
     os.replace(tmp, dest)
-    return sha256_of(dest), manifest_doc
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return contract.sha256_file(dest), manifest_doc
 
 
 def salt_url(artifact_root, file_roots, project, name):
@@ -132,7 +123,7 @@ def stage_delta(tarball, tree, name, currents, file_roots):
         return {}, f"no delta against {base}: {why}"
     offer = {
         "delta_source": salt_url(os.path.dirname(folder), file_roots, os.path.basename(folder), f"{name}.delta"),
-        "delta_hash": sha256_of(dest),
+        "delta_hash": contract.sha256_file(dest),
         "base": base,
     }
     size, full = os.path.getsize(dest), os.path.getsize(tarball)
@@ -152,7 +143,7 @@ def file_list(tree):
         if stat.S_ISREG(info.st_mode):
             if info.st_nlink > 1:
                 return None
-            found[rel] = (delta.digest_file(os.path.join(tree, rel)), stat.S_IMODE(info.st_mode), info.st_size)
+            found[rel] = (contract.sha256_file(os.path.join(tree, rel)), stat.S_IMODE(info.st_mode), info.st_size)
     return found
 
 

@@ -192,6 +192,7 @@ class Rollout:
 
     def _batch(self, batch, targets, total):
         """drain -> activate -> verify -> undrain; returns (switched, failed)."""
+        started = time.monotonic()
         if not self._drain(batch):
             return [], list(batch)
         switched, failed = self._switch(batch, targets)
@@ -202,7 +203,7 @@ class Rollout:
         for minion in batch:
             self.done += 1
             verb = "activated" if minion in healthy else "FAILED"
-            self.say(f"[{self.done}/{total}] {minion} {verb} {targets[minion]}")
+            self.say(f"[{self.done}/{total}] {minion} {verb} {targets[minion]} in {time.monotonic() - started:.1f} s")
         return switched, failed + sick
 
     def _revert_failed(self, failed, outcome):

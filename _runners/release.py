@@ -4,7 +4,11 @@ atomic switch on every node.
 
 A deploy is a pipeline of named steps, each one short function below:
 
-    lock -> fetch -> build -> check -> package -> stage -> plan -> delta -> install -> activate -> record
+    lock -> fetch -> build -> check -> package -> stage -> plan -> delta -> config_check
+         -> install -> activate -> record
+
+``diff=True`` stops after ``config_check``: each node reports which config files
+would change (names and sha256, never contents) and nothing is installed.
 
 ``activate`` is the safe rollout (``_release_rollout.py``): wave by wave,
 batch by batch, each node drained, switched, reloaded, verified and put back;
@@ -36,6 +40,7 @@ import uuid
 import salt.utils.event
 
 import _release_artifact as artifact
+import _release_config as nodeconfig
 import _release_fleet as fleet
 import _release_lock as locking
 import _release_rollout as rollout
@@ -127,13 +132,17 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, **
         salt-run release.deploy rainbow env=test ref=v1.1.0
         salt-run release.deploy rainbow env=pro ref=master author=alice wait=60
         salt-run release.deploy rainbow env=pro ref=v1.2.0 test=True
+        salt-run release.deploy rainbow env=pro ref=v1.2.0 diff=True
     """
     if test:
         return _plan_only(project, env, ref, author)
     run = _begin(project, env, ref, author, trigger, kwargs)
     try:
         with _locked(run, "deploy", wait):
-            for step in (fetch, build, check, package, stage, plan, delta, install, activate):
+            steps = (fetch, build, check, package, stage, plan, delta, config_check, install, activate)
+            if kwargs.get("diff"):  # report each node's config changes, install nothing
+                steps = steps[:steps.index(config_check) + 1]
+            for step in steps:
                 _step(run, step)
     except DeployError as exc:
         run.error = run.error or str(exc)
@@ -259,6 +268,23 @@ def delta(run):
         _say(run, said)
 
 
+def config_check(run):
+    """Every node renders its config in a dry run; one that cannot stops the deploy untouched."""
+    outcomes = nodeconfig.preflight(
+        __opts__, run.minions, run.project, run.name, run.source_url, run.sha256, run.env,
+        run.config.get("install_timeout_s", DEFAULT_INSTALL_TIMEOUT_S), run.delta_offer,
+    )
+    # Strict, whatever the waves' failure budgets: a config error is in pillar or
+    # templates, and would fail the same way on the next node.
+    failed = _note_outcomes(run, "configure", outcomes)
+    for minion, (ok, value) in sorted(outcomes.items()):
+        if ok:
+            run.nodes[minion]["files"] = value["files"]
+            _say(run, f"{minion} config: {nodeconfig.summary(value['files'])}")
+    if failed:
+        raise DeployError(f"config check failed on {', '.join(failed)}: no node was touched")
+
+
 def install(run):
     """
     Stage the release on every node of every wave, in parallel, before any
@@ -274,10 +300,8 @@ def install(run):
     failed = _note_outcomes(run, "install", outcomes)
     over = [w.name for w in run.waves if len(set(failed) & set(w.minions)) > w.budget]
     if over:
-        raise DeployError(
-            f"install failed on {', '.join(failed)} (over the failure budget of wave "
-            f"{', '.join(over)}): no node was switched"
-        )
+        budget = "" if all(w.budget == 0 for w in run.waves) else f" (over the failure budget of {', '.join(over)})"
+        raise DeployError(f"install failed on {', '.join(failed)}{budget}: no node was switched")
     for wave in run.waves:
         wave.minions = [m for m in wave.minions if m not in failed]
     if failed:
@@ -505,7 +529,12 @@ def _commands(run, key):
     if not commands:
         return
     timeout_s = run.config.get("build_timeout_s", DEFAULT_BUILD_TIMEOUT_S)
-    run.output[key] = artifact.run_commands(commands, run.tree, key, timeout_s)
+    try:
+        run.output[key] = artifact.run_commands(commands, run.tree, key, timeout_s)
+    except artifact.ArtifactError as exc:
+        # Keep the tail under the config key ("checks"), as a passing run does.
+        run.output[key] = exc.tail
+        raise DeployError(str(exc))
     _say(run, f"{key}: {len(commands)} command(s) passed")
 
 

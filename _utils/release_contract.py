@@ -9,6 +9,7 @@ pip as ``salt_release.utils.release_contract``.
 """
 
 import datetime
+import hashlib
 import re
 
 MANIFEST_NAME = "RELEASE.json"
@@ -38,7 +39,7 @@ NAME_PATTERN = re.compile(
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
 
 # Phases a node reports on the event bus, in the order a deploy runs them.
-PHASES = ("install", "drain", "activate", "reload", "verify", "undrain", "rollback")
+PHASES = ("configure", "install", "drain", "activate", "reload", "verify", "undrain", "rollback")
 TAG_PREFIX = "release"
 
 
@@ -84,6 +85,15 @@ def is_release_name(name):
 def release_sort_key(name):
     """Oldest first: by build timestamp, then by name, the same on every host."""
     return (parse_release_name(name)["timestamp"], name)
+
+
+def sha256_file(path):
+    """The sha256 of a file, hex: how artifacts are named and checked on both sides."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def validate_manifest(manifest, expected_name):

@@ -19,9 +19,18 @@ Both sides import this file, so it stays standard library only.
 import hashlib
 import io
 import json
+import logging
 import os
+import shutil
 import stat
 import tarfile
+
+try:  # installed with pip: salt_release is an ordinary package
+    from salt_release.utils import release_contract as contract
+except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
+    import release_contract as contract
+
+log = logging.getLogger(__name__)
 
 DELTA_MANIFEST = ".release-delta.json"
 # A delta that is not much smaller than the full artifact saves nothing worth its cost.
@@ -105,6 +114,29 @@ def apply(delta_tarball, base_name, base_dir, dest, skip=()):
     return len(doc["unchanged"])
 
 
+def try_apply(offer, releases_dir, dest, fetch, errors, skip=()):
+    """
+    Build ``dest`` from the delta ``offer`` (``delta_source``, ``delta_hash``,
+    ``base``) and ``releases_dir/<base>``; returns None when it did, else why
+    not, with ``dest`` removed so the caller can unpack the full artifact
+    there. ``fetch(source, sha256)`` gives the local path of a verified file
+    and raises one of ``errors`` when it cannot.
+    """
+    base = offer.get("base")
+    if not (offer.get("delta_source") and offer.get("delta_hash")):
+        return "no delta offered"
+    if not contract.is_release_name(base) or not os.path.isdir(os.path.join(releases_dir, base)):
+        return f"base release {base} is not installed here"
+    try:
+        apply(fetch(offer["delta_source"], offer["delta_hash"]), base, os.path.join(releases_dir, base), dest, skip)
+    except (DeltaRefused, OSError) + tuple(errors) as exc:
+        if os.path.isdir(dest):
+            shutil.rmtree(dest, ignore_errors=True)
+        log.warning("release: delta against %s not used, the full artifact is: %s", base, exc)
+        return str(exc)
+    return None
+
+
 def _read_manifest(tar, base_name):
     try:
         doc = json.load(tar.extractfile(DELTA_MANIFEST))
@@ -160,11 +192,6 @@ def _copy(src, dst):
 
 def _under(rel, prefixes):
     return any(rel == p.rstrip("/") or rel.startswith(p.rstrip("/") + "/") for p in prefixes)
-
-
-def digest_file(path):
-    with open(path, "rb") as handle:
-        return _digest(handle)
 
 
 def _digest(handle):

@@ -28,6 +28,17 @@ for extra in ("_utils", "_runners", "_modules"):
     sys.path.insert(0, os.path.join(REPO_ROOT, extra))
 
 
+def pytest_unconfigure(config):
+    """
+    Salt keeps a deferred console handler in this process and flushes it at
+    exit, when pytest has already closed the stream it holds ("I/O operation on
+    closed file" tracebacks): hand its queued records over while pytest runs.
+    """
+    from salt._logging import impl  # pylint: disable=import-outside-toplevel
+
+    impl.shutdown_temp_handler()
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "integration" in str(item.fspath):

@@ -12,6 +12,7 @@ import tarfile
 import pytest
 
 import _release_artifact as artifact
+import release_contract as contract
 import release_delta as delta
 
 BASE = "app_test_v1_master_2026-01-01_000000_dev"
@@ -181,7 +182,7 @@ def test_stage_delta_offers_the_release_most_nodes_run(pair):
     offer, said = artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, currents, roots)
     assert offer["base"] == BASE
     assert offer["delta_source"] == f"salt://art/{NEW}.delta.tar.gz"
-    assert offer["delta_hash"] == artifact.sha256_of(str(tmp_path / "art" / f"{NEW}.delta.tar.gz"))
+    assert offer["delta_hash"] == contract.sha256_file(str(tmp_path / "art" / f"{NEW}.delta.tar.gz"))
     assert "41 carried over" in said
     assert artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": None, "b": NEW}, roots) == (
         {}, "no delta: no node runs an earlier release")

@@ -1,0 +1,453 @@
+"""
+Render a node's configuration files into a release, from pillar.
+
+Pillar ``release:<project>:files`` names the files a node gets inside each
+release; they are rendered into the release directory before it is
+activated, so switching back to an older release also brings back the
+configuration that went with it::
+
+    release:
+      rainbow:
+        files:
+          config/db.php: {template: config/db.php.example}        # in the release, Jinja
+          config/pay.php: {source: salt://rainbow/pay.php.j2}     # on the master, Jinja
+          crontab.xml: {contents: "<cron>...</cron>"}              # literal text
+        secrets:                                                   # '#!yaml|gpg' in real pillar
+          db_password: ...
+
+Templates see ``pillar``, ``grains``, ``secrets`` (``release:<project>:secrets``)
+and ``release`` (the release manifest). Undefined names are errors.
+
+Secrets never leave the rendered files: returns and events name each file
+with its sha256, and error messages carry the file, the line and the kind of
+error, never a rendered value.
+
+This module stands alone (standard library, Jinja and Salt); ``release.install``
+calls ``render`` through ``__salt__``.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tarfile
+import tempfile
+import time
+import traceback
+
+import jinja2  # a dependency of Salt itself
+import jinja2.sandbox
+from salt.exceptions import CommandExecutionError
+
+try:  # installed with pip: salt_release is an ordinary package
+    from salt_release.utils import release_contract as contract
+    from salt_release.utils import release_delta as delta
+except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
+    import release_contract as contract
+    import release_delta as delta
+
+log = logging.getLogger(__name__)
+
+__virtualname__ = "release_config"
+
+# Written into each release: which files were rendered and their sha256 (never contents).
+INDEX_NAME = ".config.sha256.json"
+TEMPLATE_NAME = "<template>"
+KINDS = ("template", "source", "contents")
+# Files the release itself owns: a rendered file may not replace them.
+RESERVED = (contract.MANIFEST_NAME, INDEX_NAME, ".artifact.sha256")
+DEFAULT_MODE = {"root": 0o640, "app": 0o600}
+
+
+def __virtual__():
+    return __virtualname__
+
+
+# ---------------------------------------------------------------- pillar
+
+
+def _project_pillar(project):
+    """
+    ``release:<project>`` from this node's pillar, read with ``__pillar__``
+    (``pillar.get`` masks values in 3008). A pillar that failed to render, an
+    undecryptable secret for one, stops here with the SLS names only: the
+    render errors themselves can quote pillar text.
+    """
+    errors = __pillar__.get("_errors")
+    if errors:
+        text = " ".join(map(str, errors))
+        failed = sorted(set(re.findall(r"SLS '([^']+)'", text)))
+        if re.search("top file", text, re.IGNORECASE):
+            failed.insert(0, "the top file")
+        where = f" (SLS: {', '.join(failed)})" if failed else ""
+        raise CommandExecutionError(
+            f"this node's pillar failed to render{where}, for example an undecryptable "
+            "secret: fix it on the master (its log has the details) before deploying"
+        )
+    return (__pillar__.get("release") or {}).get(project) or {}
+
+
+def _secret_values(secrets):
+    """Every leaf string of the secrets, longest first, to scrub from messages."""
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif value is not None and len(str(value)) >= 3:
+            found.append(str(value))
+
+    walk(secrets)
+    return sorted(set(found), key=len, reverse=True)
+
+
+def _scrub(text, secret_values):
+    for value in secret_values:
+        text = text.replace(value, "***")
+    return text
+
+
+# ---------------------------------------------------------------- paths and modes
+
+
+def _clean_relative(path, what):
+    """A relative path that stays inside the release, normalised."""
+    text = str(path or "")
+    parts = text.split("/")
+    if not text or text.startswith("/") or ".." in parts or "\\" in text or "\0" in text:
+        raise CommandExecutionError(f"{what} must be a relative path inside the release: {text!r}")
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+def _check_target(target, shared):
+    clean = _clean_relative(target, "target path")
+    if clean in RESERVED:
+        raise CommandExecutionError(f"target {target!r} would replace the release's own {clean}")
+    for path in shared:
+        prefix = _clean_relative(path, "shared path")
+        if clean == prefix or clean.startswith(prefix + "/"):
+            raise CommandExecutionError(
+                f"target {target!r} lies inside the shared path {prefix!r}: shared state is "
+                "not part of a release, so a rollback could not bring its old version back"
+            )
+    return clean
+
+
+def _ownership(target, spec, user):
+    """(uid, gid, mode) of a rendered file: root with the app group, or the app user."""
+    owner = spec.get("owner", "root")
+    if owner not in DEFAULT_MODE:
+        raise CommandExecutionError(f"{target}: owner must be 'root' or 'app', got {owner!r}")
+    raw = spec.get("mode")
+    if raw is None:
+        mode = DEFAULT_MODE[owner]
+    elif isinstance(raw, str) and re.fullmatch(r"0?[0-7]{3}", raw):
+        mode = int(raw, 8)
+    else:  # YAML reads an unquoted 0640 as the number 416
+        raise CommandExecutionError(f"{target}: mode must be a quoted octal string like '0640'")
+    if mode & 0o022:
+        raise CommandExecutionError(
+            f"{target}: mode {mode:04o} lets group or others write; rendered files are read-only"
+        )
+    uid, gid = _app_ids(user)
+    return (uid if owner == "app" else os.getuid()), gid, mode
+
+
+def _app_ids(user):
+    if not user:
+        return os.getuid(), os.getgid()
+    import pwd  # pylint: disable=import-outside-toplevel
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise CommandExecutionError(f"app user '{user}' does not exist on this node") from None
+    return entry.pw_uid, entry.pw_gid
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _environment():
+    # The sandbox keeps templates to data: no reaching Python internals from a repo file.
+    return jinja2.sandbox.ImmutableSandboxedEnvironment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+    )
+
+
+def _template_text(target, spec, release_dir):
+    """The template text and whether it is Jinja; ``contents`` is literal text."""
+    kinds = [k for k in KINDS if k in spec]
+    if len(kinds) != 1:
+        raise CommandExecutionError(f"{target}: give exactly one of template, source, contents")
+    kind = kinds[0]
+    if kind == "contents":
+        return str(spec["contents"]), False
+    if kind == "source":
+        return _fetch_source(target, spec["source"]), True
+    return _read_in_release(target, spec["template"], release_dir), True
+
+
+def _fetch_source(target, source):
+    if not str(source).startswith("salt://"):
+        raise CommandExecutionError(f"{target}: source must be a salt:// URL, got {source!r}")
+    text = __salt__["cp.get_file_str"](source)
+    if text is False or text is None:
+        raise CommandExecutionError(f"{target}: template {source} not found on the master")
+    return text
+
+
+def _read_in_release(target, template, release_dir):
+    rel = _clean_relative(template, f"{target}: template path")
+    root = os.path.realpath(release_dir)
+    path = os.path.realpath(os.path.join(root, rel))
+    if not path.startswith(root + os.sep):
+        raise CommandExecutionError(f"{target}: template {template!r} leads outside the release")
+    if not os.path.isfile(path):
+        raise CommandExecutionError(f"{target}: template {template!r} is not a file in the release")
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _render_one(target, text, context, secret_values):
+    """
+    Render with StrictUndefined. On failure, say where and what kind of error,
+    and drop the exception chain: Jinja messages and tracebacks can quote
+    template lines and values, and Salt logs tracebacks at debug level.
+    """
+    try:
+        return _environment().from_string(text).render(**context)
+    except jinja2.TemplateSyntaxError as exc:
+        detail = f"Jinja syntax error at line {exc.lineno}: {exc.message}"
+    except jinja2.UndefinedError as exc:
+        detail = f"undefined variable at line {_template_line(exc)}: {exc.message}"
+    except Exception as exc:  # pylint: disable=broad-except
+        # Other messages may quote values (int('<secret>')): the type and line only.
+        detail = f"{type(exc).__name__} at line {_template_line(exc)}"
+    raise CommandExecutionError(f"{target}: {_scrub(detail, secret_values)}") from None
+
+
+def _template_line(exc):
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == TEMPLATE_NAME]
+    return lines[-1] if lines else "?"
+
+
+def _rendered(project, release_dir, manifest):
+    """
+    Render every file this node's pillar declares, in memory:
+    ``{target: (bytes, uid, gid, mode)}``. Raises on the first bad file.
+    """
+    conf = _project_pillar(project)
+    files = conf.get("files") or {}
+    if not isinstance(files, dict):
+        raise CommandExecutionError(f"release:{project}:files must be a mapping of path to spec")
+    secrets = conf.get("secrets") or {}
+    secret_values = _secret_values(secrets)
+    context = {"pillar": __pillar__, "grains": __grains__, "secrets": secrets, "release": manifest}
+    out = {}
+    for target in sorted(files):
+        spec = files[target] or {}
+        if not isinstance(spec, dict):
+            raise CommandExecutionError(f"{target!r}: expected template, source or contents")
+        clean = _check_target(target, conf.get("shared") or [])
+        uid, gid, mode = _ownership(clean, spec, conf.get("user"))
+        text, jinja = _template_text(clean, spec, release_dir)
+        body = _render_one(clean, text, context, secret_values) if jinja else text
+        if mode & 0o007 and any(v in body for v in secret_values):
+            raise CommandExecutionError(f"{clean}: holds a secret, so its mode may not grant others access")
+        out[clean] = (body.encode("utf-8"), uid, gid, mode)
+    return out
+
+
+def _digest(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _inside(path, root):
+    return path == root or path.startswith(root + os.sep)
+
+
+def _write(release_dir, target, data, uid, gid, mode, shared):
+    """Write one file through a temp file and rename, never following a link."""
+    root = os.path.realpath(release_dir)
+    dest = os.path.join(root, target)
+    os.makedirs(os.path.dirname(dest), mode=0o755, exist_ok=True)
+    parent = os.path.realpath(os.path.dirname(dest))
+    # A link in the code (or a shared link) must not carry the file elsewhere.
+    shared_real = [os.path.realpath(os.path.join(root, s)) for s in shared]
+    if not _inside(parent, root) or any(_inside(parent, s) for s in shared_real):
+        raise CommandExecutionError(f"target {target!r} resolves outside the release's own files")
+    if os.path.isdir(dest) and not os.path.islink(dest):
+        raise CommandExecutionError(f"target {target!r} is a directory in the release")
+    tmp = f"{dest}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchown(handle.fileno(), uid, gid)
+            os.fchmod(handle.fileno(), mode)
+            handle.write(data)
+        os.replace(tmp, dest)
+    except OSError:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_index(release_dir, hashes):
+    path = os.path.join(release_dir, INDEX_NAME)
+    if os.path.lexists(path):  # never write into a file a delta install hardlinked from the base release
+        os.unlink(path)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(hashes, handle, indent=1, sort_keys=True)
+    os.chmod(path, 0o644)
+
+
+# ---------------------------------------------------------------- events
+
+
+def _fire(project, env, release, started, files, error=None, dry_run=False):
+    """Report the configure phase on the master bus: file names and sha256 only."""
+    if __opts__.get("file_client") == "local" or __opts__.get("master_type") == "disable":
+        return
+    tag = contract.event_tag(project, env or "manual", __opts__["id"], "configure")
+    data = contract.phase_event(release, error is None, time.monotonic() - started, error,
+                                files=files, dry_run=dry_run)
+    try:
+        __salt__["event.send"](tag, data)
+    except Exception as exc:  # pylint: disable=broad-except
+        log.warning("release_config: could not send event %s: %s", tag, exc)
+
+
+def _reported(project, env, release, dry_run, work):
+    started = time.monotonic()
+    try:
+        result = work()
+    except CommandExecutionError as exc:
+        _fire(project, env, release, started, {}, error=str(exc), dry_run=dry_run)
+        raise
+    _fire(project, env, release, started, result["files"], dry_run=dry_run)
+    return result
+
+
+# ---------------------------------------------------------------- public
+
+
+def render(project, release_dir, manifest=None, env=None):
+    """
+    Render the files pillar ``release:<project>:files`` declares into
+    ``release_dir`` (an unpacked release); returns their sha256 by path.
+    ``release.install`` calls this before the release is renamed into place,
+    so a failure leaves no half-configured release behind.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'web1' release_config.render rainbow /srv/rainbow/releases/<name>.partial
+    """
+    manifest = manifest or {}
+
+    def work():
+        shared = _project_pillar(project).get("shared") or []
+        hashes = {}
+        try:
+            for target, (data, uid, gid, mode) in _rendered(project, release_dir, manifest).items():
+                _write(release_dir, target, data, uid, gid, mode, shared)
+                hashes[target] = _digest(data)
+        except OSError as exc:
+            raise CommandExecutionError(f"could not write config file: {exc.strerror}") from None
+        if hashes:
+            _write_index(release_dir, hashes)
+        return {"result": True, "files": hashes}
+
+    return _reported(project, env, manifest.get("name"), False, work)
+
+
+def check(project, name, source, source_hash, env=None, delta_source=None, delta_hash=None, base=None):
+    """
+    Dry run: render this node's files for release ``name`` (its artifact
+    fetched from ``source`` and checked against ``source_hash``) in a temp
+    directory, and say per file whether it differs from the current
+    release's. Nothing on the node changes. Returns names and sha256 only.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'web*' release_config.check rainbow rainbow_test_v1.1.0_master_2026-11-26_101500_ops \\
+            source=salt://releases/rainbow/rainbow_test_v1.1.0_master_2026-11-26_101500_ops.tar.gz \\
+            source_hash=<sha256>
+    """
+
+    def work():
+        conf = _project_pillar(project)
+        offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
+        with tempfile.TemporaryDirectory(prefix="release-check-") as tmp:
+            tree = os.path.join(tmp, "tree")
+            manifest = _unpack_artifact(conf, source, source_hash, tree, offer)
+            if manifest.get("name") != name:
+                raise CommandExecutionError(f"artifact {source} is not release {name}")
+            rendered = _rendered(project, tree, manifest)
+        current = os.path.join(conf.get("deploy_to") or "/nonexistent", "current")
+        files = {t: _compare(current, t, _digest(v[0])) for t, v in rendered.items()}
+        for target in sorted(set(_read_index(current)) - set(files)):
+            files[target] = {"sha256": None, "status": "removed"}
+        return {"result": True, "release": name, "files": files}
+
+    return _reported(project, env, name, True, work)
+
+
+def _unpack_artifact(conf, source, source_hash, dest, offer):
+    """
+    The release's files in ``dest``: rebuilt from the delta and the installed
+    base when one is offered and checks out (as ``release.install`` does),
+    else unpacked from the full artifact. Returns its manifest.
+    """
+    releases = os.path.join(conf.get("deploy_to") or "/nonexistent", "releases")
+    if delta.try_apply(offer, releases, dest, _fetch_verified, (CommandExecutionError,), conf.get("shared") or []):
+        archive = _fetch_verified(source, source_hash)
+        os.makedirs(dest, exist_ok=True)
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(dest, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise CommandExecutionError(f"could not read {os.path.basename(archive)}: {exc}") from None
+    try:
+        with open(os.path.join(dest, contract.MANIFEST_NAME), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CommandExecutionError(f"could not read the release manifest: {exc}") from None
+
+
+def _fetch_verified(source, source_hash):
+    archive = __salt__["cp.cache_file"](source)
+    if not archive:
+        raise CommandExecutionError(f"could not fetch {source} from the master")
+    if contract.sha256_file(archive) != str(source_hash).split("=", 1)[-1].lower():
+        raise CommandExecutionError(f"checksum mismatch for {os.path.basename(archive)}")
+    return archive
+
+
+def _compare(current, target, sha256):
+    path = os.path.join(current, target)
+    if not os.path.isfile(path):
+        return {"sha256": sha256, "status": "new"}
+    with open(path, "rb") as handle:
+        same = _digest(handle.read()) == sha256
+    return {"sha256": sha256, "status": "unchanged" if same else "changed"}
+
+
+def _read_index(release_dir):
+    try:
+        with open(os.path.join(release_dir, INDEX_NAME), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,3 @@
+release:
+  rainbow:
+    db_host: db.test.internal

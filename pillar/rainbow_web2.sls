@@ -1,0 +1,3 @@
+release:
+  rainbow:
+    db_host: db-replica-2.internal
