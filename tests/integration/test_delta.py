@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 from tests.conftest import make_app_repo, make_file_root, project_config, start_cluster
+from tests.snapshots import snapshot
 
 MINIONS = ("m8-web1", "m8-web2")
 
@@ -70,24 +71,6 @@ def full_size(m8, release):
 
 def release_dir(m8, minion, release):
     return os.path.join(m8.deploy_to(minion), "releases", release)
-
-
-def snapshot(root):
-    """Each path's type and mode, a file's bytes, a link's target: what 'identical' means."""
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            info = os.lstat(path)
-            if os.path.islink(path):
-                body = os.readlink(path)
-            elif os.path.isfile(path):
-                with open(path, "rb") as handle:
-                    body = handle.read()
-            else:
-                body = None
-            found[os.path.relpath(path, root)] = (info.st_mode, info.st_uid, body)
-    return found
 
 
 def test_one_file_change_sends_a_delta_and_a_tampered_base_gets_the_full_artifact(m8):

@@ -14,6 +14,7 @@ import pytest
 import _release_artifact as artifact
 import release_contract as contract
 import release_delta as delta
+from tests.snapshots import snapshot
 
 BASE = "app_test_v1_master_2026-01-01_000000_dev"
 NEW = "app_test_v2_master_2026-01-02_000000_dev"
@@ -50,18 +51,6 @@ def unpack(tarball, dest):
     with tarfile.open(tarball) as tar:
         tar.extractall(dest, filter="data")
     return dest
-
-
-def snapshot(root):
-    """Every path below ``root`` with its type, mode and content: what 'identical' means."""
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            info = os.lstat(path)
-            content = open(path, "rb").read() if os.path.isfile(path) and not os.path.islink(path) else None
-            found[os.path.relpath(path, root)] = (info.st_mode, content)
-    return found
 
 
 @pytest.fixture
