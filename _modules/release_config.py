@@ -377,6 +377,7 @@ def check(project, name, source, source_hash, env=None, delta_source=None, delta
     fetched from ``source`` and checked against ``source_hash``) in a temp
     directory, and say per file whether it differs from the current
     release's. Nothing on the node changes. Returns names and sha256 only.
+    A project without ``files`` fetches nothing: there is nothing to render.
 
     CLI Example:
 
@@ -390,12 +391,7 @@ def check(project, name, source, source_hash, env=None, delta_source=None, delta
     def work():
         conf = _project_pillar(project)
         offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
-        with tempfile.TemporaryDirectory(prefix="release-check-") as tmp:
-            tree = os.path.join(tmp, "tree")
-            manifest = _unpack_artifact(conf, source, source_hash, tree, offer)
-            if manifest.get("name") != name:
-                raise CommandExecutionError(f"artifact {source} is not release {name}")
-            rendered = _rendered(project, tree, manifest)
+        rendered = _dry_run(project, name, conf, source, source_hash, offer) if conf.get("files") else {}
         current = os.path.join(conf.get("deploy_to") or "/nonexistent", "current")
         files = {t: _compare(current, t, _digest(v[0])) for t, v in rendered.items()}
         for target in sorted(set(_read_index(current)) - set(files)):
@@ -403,6 +399,16 @@ def check(project, name, source, source_hash, env=None, delta_source=None, delta
         return {"result": True, "release": name, "files": files}
 
     return _reported(project, env, name, True, work)
+
+
+def _dry_run(project, name, conf, source, source_hash, offer):
+    """Render this node's files for release ``name`` in a temp copy of the release."""
+    with tempfile.TemporaryDirectory(prefix="release-check-") as tmp:
+        tree = os.path.join(tmp, "tree")
+        manifest = _unpack_artifact(conf, source, source_hash, tree, offer)
+        if manifest.get("name") != name:
+            raise CommandExecutionError(f"artifact {source} is not release {name}")
+        return _rendered(project, tree, manifest)
 
 
 def _unpack_artifact(conf, source, source_hash, dest, offer):
