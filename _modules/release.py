@@ -29,9 +29,11 @@ from salt.exceptions import CommandExecutionError
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
     from salt_release.utils import release_delta as delta
+    from salt_release.utils import release_retention as retention
 except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
     import release_contract as contract
     import release_delta as delta
+    import release_retention as retention
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,8 @@ __virtualname__ = "release"
 
 ARTIFACT_HASH_FILE = ".artifact.sha256"
 PARTIAL_SUFFIX = ".partial"
+# A .partial younger than this may belong to an install running now: prune leaves it.
+PARTIAL_MIN_AGE_S = 600
 
 
 def __virtual__():
@@ -169,8 +173,9 @@ def _release_names(paths):
     except FileNotFoundError:
         return []
     names = [
-        e for e in entries
-        if contract.is_release_name(e) and os.path.isdir(os.path.join(paths["releases"], e))
+        e for e in entries  # an interrupted install's <name>.partial parses as a name too: never a release
+        if contract.is_release_name(e) and not e.endswith(PARTIAL_SUFFIX)
+        and os.path.isdir(os.path.join(paths["releases"], e))
     ]
     return sorted(names, key=contract.release_sort_key)
 
@@ -430,11 +435,13 @@ def _switch(paths, name):
         raise CommandExecutionError(f"{current} points at {os.readlink(current)} after the switch")
 
 
-def activate(project, name, env=None, fence=None, **kwargs):
+def activate(project, name, env=None, fence=None, rollback=False, force=False, **kwargs):
     """
     Switch ``current`` to an installed release; returns the previous one.
     ``fence`` (passed by the runner) refuses a switch from a deploy older than
-    the last one that touched this node.
+    the last one that touched this node. ``rollback=True`` marks the release
+    switched away from as bad; a bad release is only switched to again with
+    ``force=True`` (which clears its mark).
 
     CLI Example:
 
@@ -450,10 +457,19 @@ def activate(project, name, env=None, fence=None, **kwargs):
         _check_fence(project, fence)
         if not os.path.isdir(os.path.join(paths["releases"], name)):
             raise CommandExecutionError(f"release {name} is not installed on this node")
+        cached = _read_cache(project)
+        if name in cached.get("bad", []) and not force:
+            raise CommandExecutionError(
+                f"release {name} is marked bad on this node (it was rolled back from): pass force=True to run it again"
+            )
         previous = _current_name(paths)
         if previous != name:
             _switch(paths, name)
-            _remember(project, settings, current=name, previous=previous)
+            bad = [b for b in cached.get("bad", []) if b != name]
+            if rollback and previous:
+                bad.append(previous)
+            _remember(project, settings, current=name, previous=previous, bad=bad,
+                      history=retention.remember_switch(cached.get("history"), name))
         result = {"result": True, "release": name, "previous": previous, "changed": previous != name}
         # After every real switch, and again until one succeeded for this release.
         if settings["stack"] and (previous != name or _read_cache(project).get("reloaded") != name):
@@ -466,12 +482,99 @@ def activate(project, name, env=None, fence=None, **kwargs):
     return _reported(project, env, "activate", name)(work)
 
 
+def rollback(project, to=None, env=None, fence=None, **kwargs):
+    """
+    Switch back to the release this node ran before the current one (never
+    one marked bad), or to the installed release ``to``; the release left is
+    marked bad. Works with the master down (``salt-call --local``): it reads
+    only this node's releases folder and cache.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-call --local release.rollback rainbow
+        salt 'web1' release.rollback rainbow to=rainbow_test_v1.0.0_master_2026-11-26_101500_ops
+    """
+    state = list_(project)
+    target = to or state["rollback_target"]
+    if not target:
+        raise CommandExecutionError(
+            f"{project}: no release to roll back to from {state['current']} (none older that is not marked bad)"
+        )
+    if target not in state["releases"]:
+        raise CommandExecutionError(f"release {target} is not installed on this node")
+    return activate(project, target, env=env, fence=fence, rollback=True, force=bool(to))
+
+
+def prune(project, keep=None, test=False):
+    """
+    Remove old releases: keep the ``keep`` newest (default pillar
+    ``keep_releases``, else 5), never ``current`` or the rollback target;
+    folders that are not releases are left alone; ``.partial`` leftovers of
+    interrupted installs are removed once older than ten minutes. Returns what
+    was (with ``test=True``: would be) removed.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'web*' release.prune rainbow keep=3
+    """
+    settings = _settings(project)
+    keep = int(keep if keep is not None else settings["keep_releases"])
+    state = list_(project)
+    try:
+        doomed = retention.prunable(state["releases"], state["current"], keep, [state["rollback_target"]])
+    except ValueError as exc:
+        raise CommandExecutionError(str(exc))
+    releases_dir = _paths(settings)["releases"]
+    partials = _stale_partials(releases_dir)
+    removed = doomed + partials if test else _remove(releases_dir, doomed + partials)
+    return {
+        "result": True, "removed": removed, "test": bool(test),
+        "kept": [n for n in state["releases"] if n not in removed],
+        "current": state["current"], "rollback_target": state["rollback_target"],
+    }
+
+
+def _stale_partials(releases_dir):
+    """Leftovers of interrupted installs (``<release>.partial``) old enough not to be in use."""
+    found = []
+    for entry in sorted(os.listdir(releases_dir)) if os.path.isdir(releases_dir) else []:
+        path = os.path.join(releases_dir, entry)
+        if (entry.endswith(PARTIAL_SUFFIX) and contract.is_release_name(entry[: -len(PARTIAL_SUFFIX)])
+                and time.time() - os.lstat(path).st_mtime > PARTIAL_MIN_AGE_S):
+            found.append(entry)
+    return found
+
+
+def _remove(releases_dir, entries):
+    """
+    Rename each entry out of the release namespace first, then delete it: a
+    half-deleted folder is never taken for a release. An entry that cannot be
+    renamed is kept.
+    """
+    removed = []
+    for entry in entries:
+        doomed = os.path.join(releases_dir, f".{entry}.pruning")
+        try:
+            os.rename(os.path.join(releases_dir, entry), doomed)
+        except OSError as exc:
+            log.warning("release: kept %s, could not move it aside: %s", entry, exc)
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
 # ---------------------------------------------------------------- queries
 
 
 def list_(project):
     """
-    The releases on this node, oldest to newest, and which one is current.
+    The releases on this node, oldest to newest, which one is current, the
+    one before it, those marked bad and the default rollback target.
 
     CLI Example:
 
@@ -480,7 +583,13 @@ def list_(project):
         salt-call --local release.list rainbow
     """
     paths = _paths(_settings(project))
-    return {"releases": _release_names(paths), "current": _current_name(paths)}
+    releases, current = _release_names(paths), _current_name(paths)
+    cached = _read_cache(project)
+    bad = [b for b in cached.get("bad", []) if b in releases]
+    return {
+        "releases": releases, "current": current, "previous": cached.get("previous"), "bad": bad,
+        "rollback_target": retention.rollback_target(releases, current, cached.get("history"), bad),
+    }
 
 
 def current(project):

@@ -105,14 +105,14 @@ def stage_delta(tarball, tree, name, currents, file_roots):
     next release's delta, so no artifact has to be read back.
     """
     folder = os.path.dirname(tarball)
+    dest, files = delta.side_files(folder, name)
     new = file_list(tree)
     if new is not None:
-        _write_json(os.path.join(folder, f"{name}.files.json"), new)
+        _write_json(files, new)
     running = collections.Counter(r for r in currents.values() if r and r != name)
     if not running:
         return {}, "no delta: no node runs an earlier release"
     base = running.most_common(1)[0][0]
-    dest = os.path.join(folder, f"{name}.delta.tar.gz")
     try:
         built = delta.build(tarball, new, _base_files(folder, base), base, dest)
     except (OSError, EOFError, ValueError, tarfile.TarError) as exc:  # a damaged base: send the full artifact
@@ -150,7 +150,7 @@ def file_list(tree):
 def _base_files(folder, base):
     """The base release's file list: its side file, else read back from its artifact (None without one)."""
     try:
-        with open(os.path.join(folder, f"{base}.files.json"), encoding="utf-8") as handle:
+        with open(delta.side_files(folder, base)[1], encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
         tarball = os.path.join(folder, f"{base}.tar.gz")

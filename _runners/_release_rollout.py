@@ -137,6 +137,7 @@ class Rollout:
         self.health = environment.get("health")
         self.auto_rollback = bool(environment.get("auto_rollback"))
         self.timeout_s = environment.get("timeout_s", DEFAULT_TIMEOUT_S)
+        self.activate_kwarg = {}  # extra release.activate arguments (a rollback marks what it leaves bad)
         self.done = 0
 
     # ------------------------------------------------------------ waves
@@ -168,6 +169,14 @@ class Rollout:
         if outcome.stopped and self.auto_rollback:
             self.back([m for m in outcome.switched if m not in outcome.reverted], outcome)
         return outcome
+
+    def switch_all(self, targets):
+        """
+        The emergency path: every node switched at once, no drain and no
+        health check; returns (switched, failed).
+        """
+        self.say(f"switching {len(targets)} node(s) at once, no drain")
+        return self._switch(sorted(targets), targets)
 
     def back(self, minions, outcome):
         """Send switched nodes back to the release each had, newest switch first."""
@@ -224,7 +233,14 @@ class Rollout:
     # ------------------------------------------------------------ node steps
 
     def _switch(self, minions, targets, phase="activate"):
-        """release.activate on each node (grouped by target release); returns (switched, failed)."""
+        """
+        release.activate on each node (grouped by target release); returns
+        (switched, failed). Going back marks the release left bad, and may
+        return to a release an earlier rollback had marked so.
+        """
+        kwarg = dict(self.activate_kwarg, env=self.env, fence=self.fence)
+        if phase == "rollback":
+            kwarg.update(rollback=True, force=True)
         switched, failed = [], []
         by_release = {}
         for minion in minions:
@@ -232,7 +248,7 @@ class Rollout:
         for release, group in by_release.items():
             outcomes = fleet.run_on(
                 self.opts, group, "release.activate", arg=[self.project, release],
-                kwarg={"env": self.env, "fence": self.fence}, timeout_s=self.timeout_s,
+                kwarg=kwarg, timeout_s=self.timeout_s,
             )
             for minion, (ok, value) in sorted(outcomes.items()):
                 if ok:

@@ -44,6 +44,14 @@ CREATE TABLE IF NOT EXISTS phases (
     error TEXT
 );
 CREATE INDEX IF NOT EXISTS phases_run ON phases (run_id);
+CREATE TABLE IF NOT EXISTS bad_releases (
+    project TEXT NOT NULL,
+    env TEXT NOT NULL,
+    release TEXT NOT NULL,
+    run_id INTEGER REFERENCES runs (id),  -- the rollback that left it
+    marked_at TEXT NOT NULL,
+    PRIMARY KEY (project, env, release)
+);
 """
 
 
@@ -114,7 +122,8 @@ class Store:
         self.finish_run(run_id, result, 0.0, error, fields.get("details"))
         return run_id
 
-    def runs(self, project, env=None, limit=20, kinds=None):
+    def runs(self, project, env=None, limit=20, kinds=None, since=None):
+        """Newest first; ``since`` (an ISO UTC time) keeps runs started at or after it."""
         query = "SELECT * FROM runs WHERE project = ?"
         params = [project]
         if env:
@@ -123,6 +132,9 @@ class Store:
         if kinds:
             query += f" AND kind IN ({', '.join('?' for _ in kinds)})"
             params.extend(kinds)
+        if since:
+            query += " AND started_at >= ?"
+            params.append(since)
         query += " ORDER BY id DESC LIMIT ?"
         params.append(int(limit))
         with self._db() as db:
@@ -134,3 +146,28 @@ class Store:
                 dict(row)
                 for row in db.execute("SELECT * FROM phases WHERE run_id = ? ORDER BY id", (run_id,))
             ]
+
+    def mark_bad(self, project, env, releases, run_id):
+        """Releases a rollback left: no default rollback picks them, deploying their commit needs force."""
+        with self._db() as db:
+            for release in releases:
+                db.execute("DELETE FROM bad_releases WHERE project = ? AND env = ? AND release = ?",
+                           (project, env, release))
+                db.execute("INSERT INTO bad_releases (project, env, release, run_id, marked_at)"
+                           " VALUES (?, ?, ?, ?, ?)", (project, env, release, run_id, now()))
+
+    def clear_bad(self, project, env, release):
+        with self._db() as db:
+            db.execute("DELETE FROM bad_releases WHERE project = ? AND env = ? AND release = ?",
+                       (project, env, release))
+
+    def bad_releases(self, project, env):
+        """``{release: commit}`` of the releases marked bad in ``env`` (commit None when unknown)."""
+        with self._db() as db:
+            rows = db.execute(
+                'SELECT b.release, MAX(r."commit") AS "commit" FROM bad_releases b'
+                " LEFT JOIN runs r ON r.release = b.release AND r.kind = 'deploy'"
+                " WHERE b.project = ? AND b.env = ? GROUP BY b.release",
+                (project, env),
+            )
+            return {row["release"]: row["commit"] for row in rows}

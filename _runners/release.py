@@ -4,11 +4,13 @@ atomic switch on every node.
 
 A deploy is a pipeline of named steps, each one short function below:
 
-    lock -> fetch -> build -> check -> package -> stage -> plan -> delta -> config_check
-         -> install -> activate -> record
+    lock -> fetch -> screen -> build -> check -> package -> stage -> plan -> delta
+         -> config_check -> install -> activate -> prune -> record
 
 ``diff=True`` stops after ``config_check``: each node reports which config files
 would change (names and sha256, never contents) and nothing is installed.
+A rollback reuses lock, plan and record around its own two steps (choose,
+then switch back through the same rollout, or all at once in an emergency).
 
 ``activate`` is the safe rollout (``_release_rollout.py``): wave by wave,
 batch by batch, each node drained, switched, reloaded, verified and put back;
@@ -31,6 +33,7 @@ Master configuration (see README.md)::
 import dataclasses
 import datetime
 import getpass
+import json
 import logging
 import os
 import shutil
@@ -43,8 +46,11 @@ import _release_artifact as artifact
 import _release_config as nodeconfig
 import _release_fleet as fleet
 import _release_lock as locking
+import _release_report as report_page
+import _release_retain as retain
 import _release_rollout as rollout
 import _release_source as source
+import _release_stats as stats_lib
 import _release_store as store
 import _release_webhook as hook
 
@@ -110,6 +116,10 @@ class Run:
     trigger: str = "cli"
     record_id: int = None
     records: store.Store = None
+    force: bool = False
+    to: str = None
+    targets: dict = dataclasses.field(default_factory=dict)
+    facts: dict = dataclasses.field(default_factory=dict)  # kind-specific extras for the return and the record
 
     @property
     def minions(self):
@@ -119,11 +129,12 @@ class Run:
 # ---------------------------------------------------------------- public
 
 
-def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, **kwargs):
+def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, force=False, **kwargs):
     """
     Deploy a git ref (branch, tag or commit) of a project to an environment.
     ``test=True`` prints the plan (waves, batches, each node's current and new
-    release, the load-balancer steps) and changes nothing.
+    release, the load-balancer steps) and changes nothing. A commit whose
+    release a rollback marked bad is only deployed again with ``force=True``.
 
     CLI Example:
 
@@ -137,9 +148,11 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, **
     if test:
         return _plan_only(project, env, ref, author)
     run = _begin(project, env, ref, author, trigger, kwargs)
+    run.force = bool(force)
     try:
         with _locked(run, "deploy", wait):
-            steps = (fetch, build, check, package, stage, plan, delta, config_check, install, activate)
+            steps = (fetch, screen, build, check, package, stage, plan, delta, config_check, install, activate,
+                     prune)
             if kwargs.get("diff"):  # report each node's config changes, install nothing
                 steps = steps[:steps.index(config_check) + 1]
             for step in steps:
@@ -202,6 +215,16 @@ def fetch(run):
     except source.SourceError as exc:
         raise DeployError(str(exc))
     _say(run, f"fetched {run.ref} = {run.commit[:12]} ({run.version})")
+
+
+def screen(run):
+    """Refuse a commit whose release was rolled back from in this environment, unless forced."""
+    bad = [name for name, commit in run.records.bad_releases(run.project, run.env).items() if commit == run.commit]
+    if bad and not run.force:
+        raise DeployError(
+            f"commit {run.commit[:12]} is release {', '.join(bad)}, marked bad by a rollback in "
+            f"{run.env}: pass force=True to deploy it again"
+        )
 
 
 def build(run):
@@ -310,18 +333,36 @@ def install(run):
 
 def activate(run):
     """The safe rollout: waves, batches, drain, switch, reload, verify, undrain."""
-    engine = rollout.Rollout(
-        __opts__, run.project, run.env, run.environment, run.hosts, run.previous,
-        run.fence, _reporter(run), lambda message: _say(run, message),
-    )
-    outcome = engine.forward(run.waves, {m: run.name for m in run.minions})
-    for minion in run.minions:
-        if run.nodes[minion]["phase"] == "install":
-            run.nodes[minion].update(result=False, error="not switched: the rollout stopped before its batch")
-    if outcome.reverted:
-        _say(run, f"rolled back {', '.join(outcome.reverted)}")
-    if outcome.stopped:
-        raise DeployError(outcome.stopped + ("; switched nodes were rolled back" if outcome.reverted else ""))
+    _roll(run, {m: run.name for m in run.minions})
+
+
+def prune(run):
+    """
+    After a good rollout: trim old releases on every node of the environment,
+    then drop the staged artifacts no node has any more. Pruning never fails
+    the deploy; when any node cannot say what it keeps, the master keeps all.
+    """
+    try:
+        minions = [m for wave in rollout.plan_waves(__opts__, run.environment) for m in wave.minions]
+    except (fleet.FleetError, KeyError, ValueError) as exc:
+        run.facts["warnings"] = [f"pruned nothing: {exc}"]
+        return
+    keep = run.config.get("keep_releases")
+    outcomes = fleet.run_on(__opts__, minions, "release.prune", arg=[run.project],
+                            kwarg={"keep": keep} if keep else {},
+                            timeout_s=run.config.get("timeout_s", DEFAULT_TIMEOUT_S))
+    still_used = {run.name}
+    for minion, (ok, value) in sorted(outcomes.items()):
+        run.records.node_phase(run.record_id, minion, "prune", store.now(), 0.0, ok, None if ok else value)
+        if ok:
+            still_used.update(value["kept"])
+            run.nodes.setdefault(minion, contract.node_result(True))["pruned"] = value["removed"]
+    unsure = sorted(m for m, (ok, _) in outcomes.items() if not ok)
+    if unsure:
+        run.facts["warnings"] = [f"kept every staged artifact: no prune answer from {', '.join(unsure)}"]
+        return
+    run.facts["pruned_artifacts"] = retain.prune_artifacts(
+        _release_opts()["artifact_root"], run.project, run.env, still_used)
 
 
 def record(run):
@@ -340,19 +381,249 @@ def record(run):
         "output": run.output,
         "retcode": 0 if ok else 1,
     }
+    ret.update(run.facts)
     if not ok:
         ret["error"] = run.error or "no node was deployed"
         ret["failed_step"] = run.failed_step
     run.records.update_run(run.record_id, commit=run.commit, release=run.name)
-    if ok:  # highstate's view of the environment (the release_fleet ext_pillar)
+    if ok and run.sha256:  # highstate's view of the environment (the release_fleet ext_pillar)
         published.record_fleet_release(run.state_dir, run.project, run.env, run.name, run.source_url, run.sha256, run.jid)
     run.records.finish_run(
         run.record_id, ok, ret["duration_s"], ret.get("error"),
-        {"failed_step": run.failed_step, "nodes": run.nodes},
+        dict(run.facts, failed_step=run.failed_step, nodes=run.nodes),
     )
     _fire(run, ("finish",), {k: v for k, v in ret.items() if k != "output"})
     _say(run, f"{'DONE' if ok else 'FAILED'}: {run.name or run.ref} " + (ret.get("error") or ""))
     return ret
+
+
+# ---------------------------------------------------------------- rollback
+
+
+def rollback(project, env, to=None, emergency=False, author=None, wait=0, trigger="cli", **kwargs):
+    """
+    Send every node of an environment back to the release it ran before its
+    current one (never one marked bad), or to release ``to`` (refused, with no
+    node touched, unless every node has it). The releases left are marked bad.
+    Normal mode goes through the environment's waves and batches with drain,
+    switch, reload, health check and put-back; ``emergency=True`` switches
+    every node at once with no drain. Holds the deploy lock; returns like
+    ``release.deploy``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.rollback rainbow env=pro
+        salt-run release.rollback rainbow env=pro to=rainbow_pro_v1.1.0_master_2026-11-26_101500_alice
+        salt-run release.rollback rainbow env=pro emergency=True
+    """
+    run = _begin(project, env, to or "previous", author, trigger, kwargs, kind="rollback")
+    run.to = to
+    try:
+        with _locked(run, "rollback", wait):
+            for step in (plan, choose, switch_all if emergency else switch_back):
+                _step(run, step)
+    except DeployError as exc:
+        run.error = run.error or str(exc)
+    return record(run)
+
+
+def choose(run):
+    """Each node's target, from the nodes' own view (the one ``salt-call --local`` uses)."""
+    listed = fleet.run_on(__opts__, run.minions, "release.list", arg=[run.project],
+                          timeout_s=run.config.get("timeout_s", DEFAULT_TIMEOUT_S))
+    try:
+        run.targets = retain.rollback_targets(listed, run.to)
+    except retain.RetentionError as exc:
+        raise DeployError(str(exc))
+    releases = sorted(set(run.targets.values()))
+    _say(run, "rolling back to " + ", ".join(releases))
+    if len(releases) == 1:  # the whole environment on one release: highstate's fleet release too
+        run.name = releases[0]
+        _find_staged(run)
+
+
+def switch_back(run):
+    """The rollout to each node's target, marking what it leaves bad."""
+    switched = _roll(run, run.targets, rollback=True, force=bool(run.to))
+    _mark_left_bad(run, switched)
+
+
+def switch_all(run):
+    """The emergency rollback: one switch call to every node, no drain; its duration is recorded."""
+    engine = _engine(run, rollback=True, force=bool(run.to))
+    started = time.monotonic()
+    switched, failed = engine.switch_all(run.targets)
+    run.facts.update(emergency=True, switch_s=round(time.monotonic() - started, 3))
+    _say(run, f"switched {len(switched)} node(s) in {run.facts['switch_s']} s")
+    _mark_left_bad(run, switched)
+    if failed:
+        raise DeployError(f"emergency rollback failed on {', '.join(failed)}")
+
+
+def status(project, env, **kwargs):
+    """
+    Per node of the environment: the current release, the previous one, the
+    rollback target, bad marks and what else is kept; nodes out of step with
+    the rest (or that did not answer) are flagged.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.status rainbow env=pro
+    """
+    run = _begin(project, env, "status", None, "cli", kwargs, record=False)
+    try:
+        if run.error:
+            raise DeployError(run.error)
+        run.waves = rollout.plan_waves(__opts__, run.environment)
+    except (DeployError, fleet.FleetError, KeyError, ValueError) as exc:
+        return {"result": False, "error": str(exc), "retcode": 1}
+    listed = fleet.run_on(__opts__, run.minions, "release.list", arg=[project],
+                          timeout_s=run.config.get("timeout_s", DEFAULT_TIMEOUT_S))
+    found = retain.status(listed)
+    ok = all(answered for answered, _ in listed.values())
+    return dict(found, result=ok, project=project, env=env, retcode=0 if ok else 1)
+
+
+def _roll(run, targets, **activate_kwarg):
+    """Switch nodes to ``targets`` through the rollout; returns the nodes that ended on their target."""
+    outcome = _engine(run, **activate_kwarg).forward(run.waves, targets)
+    for minion in targets:
+        node = run.nodes.setdefault(minion, contract.node_result(True, run.previous.get(minion), run.previous.get(minion)))
+        if node.get("phase") in (None, "install"):
+            node.update(result=False, error="not switched: the rollout stopped before its batch")
+    if outcome.reverted:
+        _say(run, f"rolled back {', '.join(outcome.reverted)}")
+        run.records.mark_bad(run.project, run.env, sorted({targets[m] for m in outcome.reverted}), run.record_id)
+    if outcome.stopped:
+        raise DeployError(outcome.stopped + ("; switched nodes were rolled back" if outcome.reverted else ""))
+    return [m for m in outcome.switched if m not in outcome.reverted]
+
+
+def _engine(run, **activate_kwarg):
+    engine = rollout.Rollout(
+        __opts__, run.project, run.env, run.environment, run.hosts, run.previous,
+        run.fence, _reporter(run), lambda message: _say(run, message),
+    )
+    engine.activate_kwarg = activate_kwarg
+    return engine
+
+
+def _mark_left_bad(run, switched):
+    left = retain.left_behind(run.previous, run.targets, switched)
+    if left:
+        run.records.mark_bad(run.project, run.env, left, run.record_id)
+        _say(run, f"marked bad: {', '.join(left)}")
+    if run.to:
+        run.records.clear_bad(run.project, run.env, run.to)
+
+
+def _find_staged(run):
+    """The staged artifact of ``run.name`` and its checksum, when the master still has them."""
+    conf = _release_opts()
+    tarball = os.path.join(conf["artifact_root"], run.project, f"{run.name}.tar.gz")
+    try:
+        with open(published.checksum_path(tarball), encoding="utf-8") as handle:
+            run.sha256 = published.parse_checksum(handle.read())
+        run.source_url = artifact.salt_url(conf["artifact_root"], __opts__["file_roots"].get("base", []),
+                                           run.project, run.name)
+    except (OSError, artifact.ArtifactError):
+        run.sha256 = None
+
+
+# ---------------------------------------------------------------- history and statistics
+
+
+def history(project, env=None, limit=20, phases=False, **kwargs):
+    """
+    The latest runs of a project (deploys, rollbacks, unlocks, refused
+    attempts), newest first; ``phases=True`` adds each run's node phases.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.history rainbow env=pro limit=5 phases=True
+    """
+    records = store.Store(_release_opts()["state_dir"])
+    runs = [_readable(row) for row in records.runs(project, env, limit)]
+    if phases:
+        for row in runs:
+            row["phases"] = records.phases(row["id"])
+    return {"result": True, "project": project, "env": env, "runs": runs, "retcode": 0}
+
+
+def stats(project, env=None, days=30, **kwargs):
+    """
+    Deployment statistics over the last ``days`` days: deploys, failures,
+    rollbacks, success rate, median and 95th-percentile duration, and the mean
+    time to recover (failed deploy to the next good release).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.stats rainbow env=pro days=90
+    """
+    figures = stats_lib.summarize(_recent_runs(project, env, days))
+    return dict(figures, result=True, project=project, env=env, days=days, retcode=0)
+
+
+def report(project, out, env=None, days=30, **kwargs):
+    """
+    Write one self-contained HTML page (inline SVG, no script, no external
+    asset): the deploy timeline, the last run's node phases as a Gantt chart,
+    the release spread per environment (asked of the nodes now) and the
+    statistics.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.report rainbow out=/var/www/reports/rainbow.html
+    """
+    conf = _release_opts()
+    records = store.Store(conf["state_dir"])
+    rows = _recent_runs(project, env, days)
+    last = next((r for r in rows if r["kind"] in ("deploy", "rollback") and records.phases(r["id"])), None)
+    page = report_page.render(
+        project, rows, last, records.phases(last["id"]) if last else [],
+        _spread(conf, project, env), stats_lib.summarize(rows),
+    )
+    tmp = f"{out}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(page)
+    os.replace(tmp, out)
+    return {"result": True, "project": project, "out": out, "runs": len(rows), "retcode": 0}
+
+
+def _recent_runs(project, env, days):
+    since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=float(days))
+    return store.Store(_release_opts()["state_dir"]).runs(
+        project, env, limit=100000, since=since.isoformat(timespec="milliseconds"))
+
+
+def _spread(conf, project, env):
+    """``{env: {minion: current release}}`` for the project's environments that have nodes."""
+    environments = (conf["projects"].get(project) or {}).get("environments") or {}
+    spread = {}
+    for name in [env] if env else sorted(environments):
+        try:
+            minions = [m for w in rollout.plan_waves(__opts__, environments[name]) for m in w.minions]
+        except (fleet.FleetError, KeyError, ValueError):
+            continue
+        outcomes = fleet.run_on(__opts__, minions, "release.current", arg=[project], timeout_s=DEFAULT_TIMEOUT_S)
+        spread[name] = {m: value if ok else None for m, (ok, value) in outcomes.items()}
+    return spread
+
+
+def _readable(row):
+    row = dict(row)
+    row["details"] = json.loads(row["details"]) if row.get("details") else None
+    return row
 
 
 # ---------------------------------------------------------------- helpers
@@ -460,13 +731,13 @@ def _release_opts():
     return conf
 
 
-def _begin(project, env, ref, author, trigger, kwargs, record=True):
+def _begin(project, env, ref, author, trigger, kwargs, record=True, kind="deploy"):
     conf = _release_opts()
     config = conf["projects"].get(project)
     run = Run(
         project=project, env=env, ref=str(ref), author=author or getpass.getuser(),
         config=config or {}, environment={}, state_dir=conf["state_dir"],
-        jid=kwargs.get("__pub_jid") or _jid(), trigger=trigger,
+        jid=kwargs.get("__pub_jid") or _jid(), trigger=trigger, kind=kind,
     )
     if record:
         run.records = store.Store(conf["state_dir"])

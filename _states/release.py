@@ -1,5 +1,6 @@
 """
-Keep a node on its environment's release: ``release.deployed`` for highstate.
+Keep a node on its environment's release (``release.deployed``) and its
+releases folder trimmed (``release.pruned``), for highstate.
 
 The release to run, its source and its sha256 come from the ``release_fleet``
 pillar (see ``_pillar/release_fleet.py``) unless given; a release named by
@@ -117,3 +118,32 @@ def _install_and_activate(project, target):
     name = target["release"]
     __salt__["release.install"](project, name, target["source"], target["source_hash"], env=target["env"])
     __salt__["release.activate"](project, name, env=target["env"])
+
+
+def pruned(name, keep=None):
+    """
+    Keep at most ``keep`` releases of project ``name`` on the node (default
+    its pillar ``keep_releases``), never ``current`` or the rollback target;
+    ``test=True`` lists what would go.
+
+    .. code-block:: yaml
+
+        rainbow-retention:
+          release.pruned:
+            - name: rainbow
+            - keep: 3
+    """
+    ret = {"name": name, "result": False, "changes": {}, "comment": ""}
+    try:
+        outcome = __salt__["release.prune"](name, keep=keep, test=__opts__["test"])
+    except CommandExecutionError as exc:
+        ret["comment"] = str(exc)
+        return ret
+    removed = outcome["removed"]
+    if not removed:
+        ret.update(result=True, comment=f"{name}: nothing to prune ({len(outcome['kept'])} kept)")
+    elif __opts__["test"]:
+        ret.update(result=None, changes={"removed": removed}, comment=f"{name}: would remove {len(removed)}")
+    else:
+        ret.update(result=True, changes={"removed": removed}, comment=f"{name}: removed {len(removed)}")
+    return ret

@@ -33,12 +33,20 @@ except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
 log = logging.getLogger(__name__)
 
 DELTA_MANIFEST = ".release-delta.json"
+# Staged beside <release>.tar.gz: the delta nodes fetch, and the file list the next delta reads.
+DELTA_SUFFIX = ".delta.tar.gz"
+FILES_SUFFIX = ".files.json"
 # A delta that is not much smaller than the full artifact saves nothing worth its cost.
 MAX_DELTA_RATIO = 0.5
 
 
 class DeltaRefused(Exception):
     """The delta cannot be used here; the caller falls back to the full artifact."""
+
+
+def side_files(folder, name):
+    """The delta and file list staged beside release ``name``'s artifact."""
+    return [os.path.join(folder, name + suffix) for suffix in (DELTA_SUFFIX, FILES_SUFFIX)]
 
 
 def member_digests(tarball):

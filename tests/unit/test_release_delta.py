@@ -12,6 +12,7 @@ import tarfile
 import pytest
 
 import _release_artifact as artifact
+import _release_retain as retain
 import release_contract as contract
 import release_delta as delta
 from tests.snapshots import snapshot
@@ -192,3 +193,14 @@ def test_a_tree_with_hard_links_gets_no_file_list(tmp_path):
     write_tree(str(tmp_path), app_files(count=2))
     os.link(tmp_path / "bin" / "run", tmp_path / "bin" / "again")
     assert artifact.file_list(str(tmp_path)) is None
+
+
+def test_pruning_a_release_takes_its_side_files_and_spares_the_deltas_of_kept_ones(pair):
+    tmp_path, base_tar, new_tar, _ = pair
+    roots = [str(tmp_path)]
+    artifact.stage_delta(base_tar, str(tmp_path / f"tree-{BASE}"), BASE, {}, roots)
+    artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": BASE}, roots)
+    folder = str(tmp_path / "art")
+    assert retain.prune_artifacts(str(tmp_path), "art", "test", {NEW}) == [BASE]
+    assert sorted(os.listdir(folder)) == sorted(
+        [f"{NEW}.tar.gz", f"{NEW}{delta.DELTA_SUFFIX}", f"{NEW}{delta.FILES_SUFFIX}"])

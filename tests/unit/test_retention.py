@@ -1,0 +1,70 @@
+"""Pure rules: rollback targets, what prune may remove, node status, and the statistics."""
+
+import pytest
+
+import _release_retain as retain
+import _release_stats as stats
+import release_retention as retention
+
+R = [f"app_pro_v1.{i}.0_master_2026-11-2{i}_100000_ops" for i in range(1, 6)]
+
+
+def test_rollback_target_walks_history_back_and_skips_bad():
+    assert retention.rollback_target(R[:3], R[2], history=R[:3]) == R[1]
+    # Back from R3 to R2 (R3 bad), then again: R1, not R3.
+    history = R[:3] + [R[1]]
+    assert retention.rollback_target(R[:3], R[1], history, bad=[R[2]]) == R[0]
+    assert retention.rollback_target(R[:3], R[0], history + [R[0]], bad=[R[2], R[1]]) is None
+
+
+def test_rollback_target_without_history_is_the_newest_older_release():
+    assert retention.rollback_target(R, R[3]) == R[2]
+    assert retention.rollback_target(R, R[3], bad=[R[2]]) == R[1]
+    assert retention.rollback_target(R, None) is None
+
+
+def test_prunable_keeps_newest_current_and_protected():
+    assert retention.prunable(R, R[0], 2, [R[1]]) == [R[2]]
+    assert retention.prunable(R, R[4], 2) == R[:3]
+    assert retention.prunable(R, "not-installed", 1) == []  # unsure: keep everything
+    assert retention.prunable(R, None, 1) == []
+    with pytest.raises(ValueError):
+        retention.prunable(R, R[4], 0)
+
+
+def listed(releases, current, target, bad=()):
+    return (True, {"releases": releases, "current": current, "previous": None,
+                   "rollback_target": target, "bad": list(bad)})
+
+
+def test_rollback_targets_refuse_the_whole_fleet():
+    fleet = {"a": listed(R[:2], R[1], R[0]), "b": listed(R[1:2], R[1], None)}
+    with pytest.raises(retain.RetentionError, match="nothing to roll back to on b"):
+        retain.rollback_targets(fleet)
+    with pytest.raises(retain.RetentionError, match=f"release {R[0]} is not on b"):
+        retain.rollback_targets(fleet, R[0])
+    with pytest.raises(retain.RetentionError, match="no node was touched: c: no answer"):
+        retain.rollback_targets(dict(fleet, c=(False, "no answer")))
+    assert retain.rollback_targets(fleet, R[1]) == {"a": R[1], "b": R[1]}
+
+
+def test_status_flags_the_odd_node_out():
+    found = retain.status({"a": listed(R[:3], R[2], R[1]), "b": listed(R[:3], R[2], R[1]),
+                           "c": listed(R[:3], R[1], R[0]), "d": (False, "no answer")})
+    assert found["out_of_step"] == ["c", "d"] and found["releases"] == {R[2]: 2, R[1]: 1}
+    assert found["nodes"]["a"]["kept"] == R[:2]
+
+
+def row(run_id, kind, result, finished_s, duration_s=1.0, env="pro"):
+    return {"id": run_id, "kind": kind, "result": result, "env": env, "duration_s": duration_s,
+            "details": None, "finished_at": f"2026-11-26T10:00:{finished_s:02d}.000+00:00"}
+
+
+def test_stats_by_hand():
+    rows = [row(1, "deploy", 1, 0, 2.0), row(2, "deploy", 0, 10, 1.0), row(3, "deploy", 0, 20, 3.0),
+            row(4, "rollback", 1, 25), row(5, "deploy", 1, 40, 4.0), row(6, "deploy", None, 50, None)]
+    figures = stats.summarize(rows)
+    assert (figures["deploys"], figures["succeeded"], figures["failures"], figures["unfinished"]) == (5, 2, 2, 1)
+    assert figures["rollbacks"] == 1 and figures["success_rate"] == 0.5
+    assert figures["duration_median_s"] == 2.5 and figures["duration_p95_s"] == 4.0
+    assert figures["mttr_s"] == 15.0  # one outage: first failure at :10, the rollback at :25 recovers
