@@ -28,9 +28,11 @@ from salt.exceptions import CommandExecutionError
 
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
+    from salt_release.utils import release_delta as delta
     from salt_release.utils import release_retention as retention
 except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
     import release_contract as contract
+    import release_delta as delta
     import release_retention as retention
 
 log = logging.getLogger(__name__)
@@ -224,6 +226,12 @@ def _fetch(source):
     return cached
 
 
+def _fetch_verified(source, source_hash):
+    archive = _fetch(source)
+    _verify(archive, source_hash)
+    return archive
+
+
 def _verify(path, source_hash):
     expected = source_hash.split("=", 1)[-1].lower()
     actual = contract.sha256_file(path)
@@ -298,23 +306,32 @@ def _protect(release_dir):
                 os.chmod(entry, os.lstat(entry).st_mode & 0o755)
 
 
-def _unpacked_release(paths, name, source, source_hash, settings):
-    """Fetch, verify and unpack into releases/<name>.partial, then rename it in place."""
+def _unpacked_release(paths, name, source, source_hash, settings, delta_offer=None):
+    """
+    Fetch, verify and unpack into releases/<name>.partial (from a delta when
+    one is offered and the base checks out), then rename it in place. Returns
+    why the delta was not used (None when it was).
+    """
     target = os.path.join(paths["releases"], name)
     partial = target + PARTIAL_SUFFIX
-    archive = _fetch(source)
-    _verify(archive, source_hash)
     if os.path.lexists(partial):
         shutil.rmtree(partial)  # a leftover of an interrupted install of this very release
-    _unpack(archive, partial)
+    not_delta = delta.try_apply(delta_offer or {}, paths["releases"], partial, _fetch_verified,
+                                (CommandExecutionError,), skip=settings["shared"])
+    if not_delta:
+        _unpack(_fetch_verified(source, source_hash), partial)
     try:
         manifest = _read_manifest(partial, name)
         _link_shared(partial, paths, settings)
         _protect(partial)
         # Config rendered into the release itself, so a rollback brings its config back.
         __salt__["release_config.render"](manifest["project"], partial, manifest, env=manifest["env"])
+        # The full artifact's hash, verified above or rebuilt file by file from a verified delta.
+        # Unlink first: an artifact file of that name may be hardlinked from the base release.
+        if os.path.lexists(os.path.join(partial, ARTIFACT_HASH_FILE)):
+            os.unlink(os.path.join(partial, ARTIFACT_HASH_FILE))
         with open(os.path.join(partial, ARTIFACT_HASH_FILE), "w", encoding="utf-8") as handle:
-            handle.write(contract.sha256_file(archive) + "\n")
+            handle.write(source_hash + "\n")
         os.chmod(os.path.join(partial, ARTIFACT_HASH_FILE), 0o644)
         os.rename(partial, target)
     except (OSError, CommandExecutionError) as exc:
@@ -322,7 +339,7 @@ def _unpacked_release(paths, name, source, source_hash, settings):
         if isinstance(exc, CommandExecutionError):
             raise
         raise CommandExecutionError(f"could not install {name}: {exc}")
-    return target
+    return not_delta
 
 
 def _installed_hash(release_dir):
@@ -349,11 +366,17 @@ def _check_fence(project, fence):
         _remember(project, {}, fence=int(fence))
 
 
-def install(project, name, source, source_hash, env=None, fence=None, **kwargs):
+def install(project, name, source, source_hash, env=None, fence=None,
+            delta_source=None, delta_hash=None, base=None, **kwargs):
     """
     Fetch a release tarball, verify its sha256 and unpack it safely into
     ``releases/<name>``, linking the shared paths. Installing the same name and
     checksum again changes nothing; a bad artifact changes nothing.
+
+    With ``delta_source``/``delta_hash``/``base`` (offered by the runner) a
+    node that has ``releases/<base>`` fetches only the delta and carries the
+    unchanged files over from the base after checking each one; on any doubt
+    it installs the full artifact. The return's ``transfer`` says which.
 
     CLI Example:
 
@@ -378,8 +401,10 @@ def install(project, name, source, source_hash, env=None, fence=None, **kwargs):
                     f"release {name} is already installed from a different artifact; refusing to replace it"
                 )
             return {"result": True, "release": name, "changed": False, "path": target}
-        _unpacked_release(paths, name, source, expected, settings)
-        return {"result": True, "release": name, "changed": True, "path": target}
+        offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
+        not_delta = _unpacked_release(paths, name, source, expected, settings, offer)
+        transfer = {"transfer": "full", "delta_refused": not_delta} if not_delta else {"transfer": "delta", "base": base}
+        return {"result": True, "release": name, "changed": True, "path": target, **transfer}
 
     return _reported(project, env, "install", name)(work)
 

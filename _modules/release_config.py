@@ -42,8 +42,10 @@ from salt.exceptions import CommandExecutionError
 
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
+    from salt_release.utils import release_delta as delta
 except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
     import release_contract as contract
+    import release_delta as delta
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +303,8 @@ def _write(release_dir, target, data, uid, gid, mode, shared):
 
 def _write_index(release_dir, hashes):
     path = os.path.join(release_dir, INDEX_NAME)
+    if os.path.lexists(path):  # never write into a file a delta install hardlinked from the base release
+        os.unlink(path)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(hashes, handle, indent=1, sort_keys=True)
     os.chmod(path, 0o644)
@@ -367,12 +371,13 @@ def render(project, release_dir, manifest=None, env=None):
     return _reported(project, env, manifest.get("name"), False, work)
 
 
-def check(project, name, source, source_hash, env=None):
+def check(project, name, source, source_hash, env=None, delta_source=None, delta_hash=None, base=None):
     """
     Dry run: render this node's files for release ``name`` (its artifact
     fetched from ``source`` and checked against ``source_hash``) in a temp
     directory, and say per file whether it differs from the current
     release's. Nothing on the node changes. Returns names and sha256 only.
+    A project without ``files`` fetches nothing: there is nothing to render.
 
     CLI Example:
 
@@ -385,11 +390,8 @@ def check(project, name, source, source_hash, env=None):
 
     def work():
         conf = _project_pillar(project)
-        with tempfile.TemporaryDirectory(prefix="release-check-") as tmp:
-            manifest = _unpack_artifact(source, source_hash, tmp)
-            if manifest.get("name") != name:
-                raise CommandExecutionError(f"artifact {source} is not release {name}")
-            rendered = _rendered(project, tmp, manifest)
+        offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
+        rendered = _dry_run(project, name, conf, source, source_hash, offer) if conf.get("files") else {}
         current = os.path.join(conf.get("deploy_to") or "/nonexistent", "current")
         files = {t: _compare(current, t, _digest(v[0])) for t, v in rendered.items()}
         for target in sorted(set(_read_index(current)) - set(files)):
@@ -399,23 +401,45 @@ def check(project, name, source, source_hash, env=None):
     return _reported(project, env, name, True, work)
 
 
-def _unpack_artifact(source, source_hash, dest):
+def _dry_run(project, name, conf, source, source_hash, offer):
+    """Render this node's files for release ``name`` in a temp copy of the release."""
+    with tempfile.TemporaryDirectory(prefix="release-check-") as tmp:
+        tree = os.path.join(tmp, "tree")
+        manifest = _unpack_artifact(conf, source, source_hash, tree, offer)
+        if manifest.get("name") != name:
+            raise CommandExecutionError(f"artifact {source} is not release {name}")
+        return _rendered(project, tree, manifest)
+
+
+def _unpack_artifact(conf, source, source_hash, dest, offer):
+    """
+    The release's files in ``dest``: rebuilt from the delta and the installed
+    base when one is offered and checks out (as ``release.install`` does),
+    else unpacked from the full artifact. Returns its manifest.
+    """
+    releases = os.path.join(conf.get("deploy_to") or "/nonexistent", "releases")
+    if delta.try_apply(offer, releases, dest, _fetch_verified, (CommandExecutionError,), conf.get("shared") or []):
+        archive = _fetch_verified(source, source_hash)
+        os.makedirs(dest, exist_ok=True)
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(dest, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise CommandExecutionError(f"could not read {os.path.basename(archive)}: {exc}") from None
+    try:
+        with open(os.path.join(dest, contract.MANIFEST_NAME), encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CommandExecutionError(f"could not read the release manifest: {exc}") from None
+
+
+def _fetch_verified(source, source_hash):
     archive = __salt__["cp.cache_file"](source)
     if not archive:
         raise CommandExecutionError(f"could not fetch {source} from the master")
-    digest = hashlib.sha256()
-    with open(archive, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != str(source_hash).split("=", 1)[-1].lower():
+    if contract.sha256_file(archive) != str(source_hash).split("=", 1)[-1].lower():
         raise CommandExecutionError(f"checksum mismatch for {os.path.basename(archive)}")
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(dest, filter="data")
-        with open(os.path.join(dest, contract.MANIFEST_NAME), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise CommandExecutionError(f"could not read {os.path.basename(archive)}: {exc}") from None
+    return archive
 
 
 def _compare(current, target, sha256):

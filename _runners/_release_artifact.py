@@ -7,17 +7,21 @@ the ``RELEASE.json`` manifest and is staged under
 serves as ``salt://<path of artifact_root in file_roots>/<project>/<name>.tar.gz``.
 """
 
+import collections
 import io
 import json
 import os
+import stat
 import subprocess
 import tarfile
 import time
 
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
+    from salt_release.utils import release_delta as delta
 except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
     import release_contract as contract
+    import release_delta as delta
 
 OUTPUT_TAIL_LINES = 20
 
@@ -89,6 +93,75 @@ def salt_url(artifact_root, file_roots, project, name):
         f"artifact_root {artifact_root} is not inside any base file_roots directory "
         f"({', '.join(file_roots) or 'none configured'}): minions could not fetch it"
     )
+
+
+def stage_delta(tarball, tree, name, currents, file_roots):
+    """
+    Stage ``<name>.delta.tar.gz`` beside the staged ``tarball``, against the
+    release most nodes run (``currents``: minion -> release or None). Returns
+    the install kwargs that offer it (``delta_source``, ``delta_hash``,
+    ``base``) and a line saying what was done; no offer when no delta pays.
+    Also leaves ``<name>.files.json`` (each file's sha256, mode, size) for the
+    next release's delta, so no artifact has to be read back.
+    """
+    folder = os.path.dirname(tarball)
+    dest, files = delta.side_files(folder, name)
+    new = file_list(tree)
+    if new is not None:
+        _write_json(files, new)
+    running = collections.Counter(r for r in currents.values() if r and r != name)
+    if not running:
+        return {}, "no delta: no node runs an earlier release"
+    base = running.most_common(1)[0][0]
+    try:
+        built = delta.build(tarball, new, _base_files(folder, base), base, dest)
+    except (OSError, EOFError, ValueError, tarfile.TarError) as exc:  # a damaged base: send the full artifact
+        built, why = None, f"{base}'s artifact is unreadable ({exc})"
+    else:
+        why = "its artifact is gone, or the delta would not pay"
+    if built is None:
+        return {}, f"no delta against {base}: {why}"
+    offer = {
+        "delta_source": salt_url(os.path.dirname(folder), file_roots, os.path.basename(folder), f"{name}.delta"),
+        "delta_hash": contract.sha256_file(dest),
+        "base": base,
+    }
+    size, full = os.path.getsize(dest), os.path.getsize(tarball)
+    return offer, (f"delta against {base}: {built['sent']} entries sent, {built['unchanged']} carried over "
+                   f"({size} of {full} bytes, {100.0 * size / full:.1f}%)")
+
+
+def file_list(tree):
+    """
+    ``{path: (sha256, mode, size)}`` of the regular files ``package`` puts in
+    the tarball; None when the tree has hard links (the tarball then holds
+    link members whose target a delta could leave out).
+    """
+    found = {}
+    for rel in _entries_in(tree):
+        info = os.lstat(os.path.join(tree, rel))
+        if stat.S_ISREG(info.st_mode):
+            if info.st_nlink > 1:
+                return None
+            found[rel] = (contract.sha256_file(os.path.join(tree, rel)), stat.S_IMODE(info.st_mode), info.st_size)
+    return found
+
+
+def _base_files(folder, base):
+    """The base release's file list: its side file, else read back from its artifact (None without one)."""
+    try:
+        with open(delta.side_files(folder, base)[1], encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        tarball = os.path.join(folder, f"{base}.tar.gz")
+        return delta.member_digests(tarball) if os.path.isfile(tarball) else None
+
+
+def _write_json(path, doc):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(doc, handle, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def _entries_in(tree):

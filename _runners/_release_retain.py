@@ -12,8 +12,10 @@ import os
 
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
+    from salt_release.utils import release_delta as delta
 except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
     import release_contract as contract
+    import release_delta as delta
 
 TARBALL_SUFFIX = ".tar.gz"
 
@@ -94,7 +96,7 @@ def prune_artifacts(artifact_root, project, env, still_used):
         if fields["env"] != contract.sanitize_field(env) or name in still_used:
             continue
         tarball = os.path.join(folder, name + TARBALL_SUFFIX)
-        for path in (tarball + ".sha256", tarball):
+        for path in [tarball + ".sha256", tarball] + delta.side_files(folder, name):
             if os.path.exists(path):
                 os.unlink(path)
         removed.append(name)
@@ -106,5 +108,7 @@ def _staged_releases(folder):
         entries = sorted(os.listdir(folder))
     except FileNotFoundError:
         return []
-    names = (e[: -len(TARBALL_SUFFIX)] for e in entries if e.endswith(TARBALL_SUFFIX))
+    # A delta's name ends in .tar.gz too, and "<release>.delta" parses as a release (dots are allowed).
+    tarballs = [e for e in entries if e.endswith(TARBALL_SUFFIX) and not e.endswith(delta.DELTA_SUFFIX)]
+    names = (e[: -len(TARBALL_SUFFIX)] for e in tarballs)
     return [n for n in names if contract.is_release_name(n)]

@@ -4,8 +4,8 @@ atomic switch on every node.
 
 A deploy is a pipeline of named steps, each one short function below:
 
-    lock -> fetch -> screen -> build -> check -> package -> stage -> plan -> config_check
-         -> install -> activate -> prune -> record
+    lock -> fetch -> screen -> build -> check -> package -> stage -> plan -> delta
+         -> config_check -> install -> activate -> prune -> record
 
 ``diff=True`` stops after ``config_check``: each node reports which config files
 would change (names and sha256, never contents) and nothing is installed.
@@ -103,6 +103,7 @@ class Run:
     source_url: str = None
     sha256: str = None
     manifest: dict = None
+    delta_offer: dict = dataclasses.field(default_factory=dict)
     waves: list = dataclasses.field(default_factory=list)
     previous: dict = dataclasses.field(default_factory=dict)
     hosts: dict = dataclasses.field(default_factory=dict)
@@ -150,7 +151,8 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, fo
     run.force = bool(force)
     try:
         with _locked(run, "deploy", wait):
-            steps = (fetch, screen, build, check, package, stage, plan, config_check, install, activate, prune)
+            steps = (fetch, screen, build, check, package, stage, plan, delta, config_check, install, activate,
+                     prune)
             if kwargs.get("diff"):  # report each node's config changes, install nothing
                 steps = steps[:steps.index(config_check) + 1]
             for step in steps:
@@ -281,11 +283,19 @@ def plan(run):
         _say(run, f"wave {wave.name}: {batches} (may fail: {wave.budget})")
 
 
+def delta(run):
+    """Stage a delta against the release most nodes run, so they fetch only what changed."""
+    if run.config.get("delta", True):
+        roots = __opts__["file_roots"].get("base", [])
+        run.delta_offer, said = artifact.stage_delta(run.tarball, run.tree, run.name, run.previous, roots)
+        _say(run, said)
+
+
 def config_check(run):
     """Every node renders its config in a dry run; one that cannot stops the deploy untouched."""
     outcomes = nodeconfig.preflight(
         __opts__, run.minions, run.project, run.name, run.source_url, run.sha256, run.env,
-        run.config.get("install_timeout_s", DEFAULT_INSTALL_TIMEOUT_S),
+        run.config.get("install_timeout_s", DEFAULT_INSTALL_TIMEOUT_S), run.delta_offer,
     )
     # Strict, whatever the waves' failure budgets: a config error is in pillar or
     # templates, and would fail the same way on the next node.
@@ -306,7 +316,8 @@ def install(run):
     """
     outcomes = fleet.run_on(
         __opts__, run.minions, "release.install", arg=[run.project, run.name],
-        kwarg={"source": run.source_url, "source_hash": run.sha256, "env": run.env, "fence": run.fence},
+        kwarg={"source": run.source_url, "source_hash": run.sha256, "env": run.env, "fence": run.fence,
+               **run.delta_offer},
         timeout_s=run.config.get("install_timeout_s", DEFAULT_INSTALL_TIMEOUT_S),
     )
     failed = _note_outcomes(run, "install", outcomes)
