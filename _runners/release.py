@@ -702,7 +702,8 @@ def _reporter(run):
         node = run.nodes.setdefault(
             minion, contract.node_result(True, release=run.previous.get(minion), previous=run.previous.get(minion))
         )
-        node.update(phase=phase, duration_s=round(duration_s or 0, 3))
+        # duration_s: the time this node's phases took in this run, all phases together.
+        node.update(phase=phase, duration_s=round((node.get("duration_s") or 0) + (duration_s or 0), 3))
         if ok and phase in ("activate", "rollback"):
             node["release"] = release
         if ok and phase == "rollback":
