@@ -305,8 +305,9 @@ def test_highstate_gives_a_new_node_the_fleet_release(m7):
 
 
 def test_a_release_named_by_hand_is_found_with_its_staged_checksum(m7):
+    # Release artifacts only: a release may also have a .delta.tar.gz beside it.
     staged = sorted(f for f in os.listdir(os.path.join(m7.release_config["artifact_root"], "rainbow"))
-                    if f.endswith(".tar.gz"))
+                    if f.endswith(".tar.gz") and not f.endswith(".delta.tar.gz"))
     pinned = next(f[: -len(".tar.gz")] for f in staged if "_release-2.0_" in f)
     tarball = os.path.join(m7.release_config["artifact_root"], "rainbow", pinned + ".tar.gz")
     with open(tarball + ".sha256", encoding="utf-8") as handle:
