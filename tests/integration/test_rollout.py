@@ -300,6 +300,7 @@ def test_rolling_deploy_through_nginx_loses_no_request(rollout_cluster, app_port
     assert result.returncode == 0 and second["result"], second
     assert len(load.results) > 100
     failures = [r for r in load.results if r[0] != 200]
+    print(f"rolling deploy under load: {len(load.results)} requests through nginx, {len(failures)} failed")
     assert failures == [], failures[:5]
     releases = [r[1] for r in load.results]
     assert releases[0] == first["release"] and releases[-1] == second["release"]
