@@ -177,20 +177,21 @@ def unlock(project, env, force=False):
         salt-run release.unlock rainbow env=pro force=True
     """
     conf = _release_opts()
-    path = locking.lock_path(conf["state_dir"], project, env)
-    holder = locking.read(path)
+    records = _records(conf)
+    locks = records.locks()
+    holder = locks.read(project, env)
     if holder is None:
         return {"result": True, "comment": f"{project}/{env} is not locked", "retcode": 0}
     ttl_s = float((conf["projects"].get(project) or {}).get("lock_ttl_s", DEFAULT_LOCK_TTL_S))
-    if locking.holder_alive(holder, ttl_s) and not force:
+    if locks.holder_alive(project, env, holder, ttl_s) and not force:
         return {
             "result": False, "retcode": 1,
             "error": f"{project}/{env} is {locking.describe(holder)}; its holder may be alive: "
                      "pass force=True to break it anyway",
         }
-    broken = locking.remove(path)
+    broken = locks.remove(project, env)
     who = getpass.getuser()
-    store.Store(conf["state_dir"]).record(
+    records.record(
         "unlock", project, env, result=True, who=who,
         details={"broken": _public_owner(broken), "force": bool(force)},
     )
@@ -256,9 +257,10 @@ def package(run):
 
 def stage(run):
     """Put the tarball where the master's fileserver serves it."""
-    root = _release_opts()["artifact_root"]
+    conf = _release_opts()
+    root = conf["artifact_root"]
     try:
-        run.source_url = artifact.salt_url(root, __opts__["file_roots"].get("base", []), run.project, run.name)
+        run.source_url = _source_url(conf, run.project, run.name)
     except artifact.ArtifactError as exc:
         raise DeployError(str(exc))
     dest = os.path.join(root, run.project, f"{run.name}.tar.gz")
@@ -517,8 +519,7 @@ def _find_staged(run):
     try:
         with open(published.checksum_path(tarball), encoding="utf-8") as handle:
             run.sha256 = published.parse_checksum(handle.read())
-        run.source_url = artifact.salt_url(conf["artifact_root"], __opts__["file_roots"].get("base", []),
-                                           run.project, run.name)
+        run.source_url = _source_url(conf, run.project, run.name)
     except (OSError, artifact.ArtifactError):
         run.sha256 = None
 
@@ -537,7 +538,7 @@ def history(project, env=None, limit=20, phases=False, **kwargs):
 
         salt-run release.history rainbow env=pro limit=5 phases=True
     """
-    records = store.Store(_release_opts()["state_dir"])
+    records = _records(_release_opts())
     runs = [_readable(row) for row in records.runs(project, env, limit)]
     if phases:
         for row in runs:
@@ -575,7 +576,7 @@ def report(project, out, env=None, days=30, **kwargs):
         salt-run release.report rainbow out=/var/www/reports/rainbow.html
     """
     conf = _release_opts()
-    records = store.Store(conf["state_dir"])
+    records = _records(conf)
     rows = _recent_runs(project, env, days)
     last = next((r for r in rows if r["kind"] in ("deploy", "rollback") and records.phases(r["id"])), None)
     page = report_page.render(
@@ -591,7 +592,7 @@ def report(project, out, env=None, days=30, **kwargs):
 
 def _recent_runs(project, env, days):
     since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=float(days))
-    return store.Store(_release_opts()["state_dir"]).runs(
+    return _records(_release_opts()).runs(
         project, env, limit=100000, since=since.isoformat(timespec="milliseconds"))
 
 
@@ -720,6 +721,22 @@ def _release_opts():
     return conf
 
 
+def _records(conf):
+    """The history store ``release:store`` names (sqlite by default, or a shared PostgreSQL)."""
+    try:
+        return store.Store(conf["state_dir"], conf.get("store", "sqlite"))
+    except Exception as exc:  # psycopg2's errors, a bad URL: say so without the URL's password
+        raise DeployError(f"cannot open the release store {store.safe_url(conf.get('store'))}: "
+                          f"{store.safe_url(exc)}")
+
+
+def _source_url(conf, project, name):
+    """Where nodes fetch a staged artifact: the HTTP artifact base when set, else the master's fileserver."""
+    if conf.get("artifact_url"):
+        return f"{conf['artifact_url'].rstrip('/')}/{project}/{name}.tar.gz"
+    return artifact.salt_url(conf["artifact_root"], __opts__["file_roots"].get("base", []), project, name)
+
+
 def _begin(project, env, ref, author, trigger, kwargs, record=True, kind="deploy"):
     conf = _release_opts()
     config = conf["projects"].get(project)
@@ -729,7 +746,7 @@ def _begin(project, env, ref, author, trigger, kwargs, record=True, kind="deploy
         jid=kwargs.get("__pub_jid") or _jid(), trigger=trigger, kind=kind,
     )
     if record:
-        run.records = store.Store(conf["state_dir"])
+        run.records = _records(conf)
         run.record_id = run.records.start_run(run.kind, project, env, trigger, run.author, run.jid, run.ref)
     if config is None:
         run.error = f"unknown project {project!r}: not under release:projects in the master config"
@@ -744,30 +761,53 @@ def _begin(project, env, ref, author, trigger, kwargs, record=True, kind="deploy
 
 
 class _locked:
-    """Hold the project+env lock for the run; only ever release our own token."""
+    """
+    Hold the project+env lock for the run; only ever release our own token.
+    ``take_over`` (recover) breaks a lock whose holder is dead. A lock taken
+    from a dead holder, which PostgreSQL's session lock knows for certain, is
+    recorded as an unlock.
+    """
 
-    def __init__(self, run, reason, wait):
-        self.run, self.reason, self.wait = run, reason, wait
-        self.path = locking.lock_path(run.state_dir, run.project, run.env)
+    def __init__(self, run, reason, wait, take_over=False):
+        self.run, self.reason, self.wait, self.take_over = run, reason, wait, take_over
+        self.locks = run.records.locks() if run.records else None
         self.owner = None
 
     def __enter__(self):
         if self.run.error:
             raise DeployError(self.run.error)
         try:
-            self.owner = locking.acquire(
-                self.path, self.run.author, self.run.jid, f"{self.reason} {self.run.ref}", self.wait
-            )
+            self.owner = self._acquire()
             self.run.fence = self.owner["fence"]
         except locking.LockHeld as exc:
             self.run.failed_step = "lock"
             raise DeployError(f"{self.run.project}/{self.run.env} is {exc}")
+        if self.owner.get("took_over"):
+            self._record_take_over(self.owner.pop("took_over"))
         _fire(self.run, ("start",), {"ref": self.run.ref, "author": self.run.author, "jid": self.run.jid})
         return self.owner
 
+    def _acquire(self):
+        run = self.run
+        args = (run.project, run.env, run.author, run.jid, f"{self.reason} {run.ref}")
+        try:
+            return self.locks.acquire(*args, wait_s=self.wait)
+        except locking.LockHeld as exc:
+            ttl_s = float(run.config.get("lock_ttl_s", DEFAULT_LOCK_TTL_S))
+            if not self.take_over or self.locks.holder_alive(run.project, run.env, exc.owner, ttl_s):
+                raise
+        broken = self.locks.remove(run.project, run.env)
+        return dict(self.locks.acquire(*args), took_over=broken)
+
+    def _record_take_over(self, dead):
+        dead = _public_owner(dead)
+        self.run.records.record("unlock", self.run.project, self.run.env, result=True, who=self.run.author,
+                                jid=self.run.jid, details={"broken": dead, "dead_holder": True, "by": self.reason})
+        _say(self.run, f"took over the lock of a dead holder: {locking.describe(dead)}")
+
     def __exit__(self, *exc_info):
         if self.owner:
-            locking.release(self.path, self.owner["token"])
+            self.locks.release(self.run.project, self.run.env, self.owner["token"])
         return False
 
 
@@ -876,7 +916,7 @@ def _refuse_webhook(conf, project, reason, error, record=True):
     name = contract.sanitize_field(project)
     data = {"project": name, "reason": reason, "error": error}
     if record:
-        store.Store(conf["state_dir"]).record("refused", name, result=False, error=error,
+        _records(conf).record("refused", name, result=False, error=error,
                                               trigger="webhook", details={"reason": reason})
     with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=False) as bus:
         bus.fire_event(data, contract.event_tag(name, "webhook", "refused"))
