@@ -46,6 +46,7 @@ import _release_artifact as artifact
 import _release_config as nodeconfig
 import _release_fleet as fleet
 import _release_lock as locking
+import _release_recover as recovery
 import _release_report as report_page
 import _release_retain as retain
 import _release_rollout as rollout
@@ -479,8 +480,141 @@ def status(project, env, **kwargs):
     return dict(found, result=ok, project=project, env=env, retcode=0 if ok else 1)
 
 
+# ---------------------------------------------------------------- recovery
+
+
+def recover(project, env, mode="finish", author=None, **kwargs):
+    """
+    Finish or undo the newest deploy or rollback of an environment after its
+    runner (or its master) died mid-rollout. Reads the run's journal from the
+    store and each node's real state (``release.list``, the load balancer's
+    status), takes over the dead run's lock (recorded), then either switches
+    the remaining nodes to the run's release (``mode=finish``) or sends the
+    switched ones back (``mode=rollback``), through the same rollout; drained
+    nodes that are healthy go back into the load balancer. The dead run is
+    closed as failed, "recovered by" this one. Run it on either master when
+    both share a PostgreSQL store.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.recover rainbow env=pro
+        salt-run release.recover rainbow env=pro mode=rollback
+    """
+    run = _begin(project, env, f"recover {mode}", author, "cli", kwargs, kind="recover")
+    if not run.error and mode not in recovery.MODES:
+        run.error, run.failed_step = f"mode must be one of {', '.join(recovery.MODES)}, not {mode!r}", "configure"
+    dead = None
+    try:
+        dead = _dead_run(run)
+        with _locked(run, f"recover ({mode}) of run {dead['id']}", 0, take_over=True):
+            if not run.targets:
+                _close_dead(run, dead, mode)
+                raise recovery.NothingToRecover(f"run {dead['id']} died before its first switch: no node to recover")
+            for step in (survey, finish if mode == "finish" else send_back, settle):
+                _step(run, step)
+    except recovery.NothingToRecover as exc:
+        return _nothing_to_recover(run, str(exc))
+    except DeployError as exc:
+        run.error = run.error or str(exc)
+    run.facts.update(recovered_run=dead and dead["id"], mode=mode)
+    ret = record(run)
+    if ret["result"]:  # a failed recovery leaves the dead run open, for another try
+        _close_dead(run, dead, mode)
+    return ret
+
+
+def _close_dead(run, dead, mode):
+    run.records.finish_run(dead["id"], False, None, (dead["error"] or "the run died mid-rollout")
+                           + f"; recovered by run {run.record_id} ({mode}, {run.author})")
+
+
+def _dead_run(run):
+    """The run to recover and its journal (``run.targets``, ``run.previous``)."""
+    if run.error:
+        raise DeployError(run.error)
+    dead = recovery.dead_run(run.records.runs(run.project, run.env, limit=50, kinds=recovery.RECOVERABLE))
+    details = json.loads(dead["details"]) if dead["details"] else None
+    journal = recovery.journal(details)
+    run.facts["recovered_run"] = dead["id"]
+    if journal:
+        run.targets, run.previous = journal["targets"], journal["previous"]
+        run.name, run.source_url, run.sha256 = dead["release"], journal["source_url"], journal["sha256"]
+    _say(run, f"recovering run {dead['id']} ({dead['kind']} {dead['release'] or dead['ref']} "
+              f"by {dead['who']}, jid {dead['jid']})")
+    return dead
+
+
+def survey(run):
+    """Where the dead run left each node: its current release, and whether the load balancer has it down."""
+    if not run.targets:
+        return
+    try:
+        run.waves = rollout.plan_waves(__opts__, run.environment)
+    except (fleet.FleetError, KeyError, ValueError) as exc:
+        raise DeployError(f"bad waves for {run.project}/{run.env}: {exc}")
+    _keep_in_waves(run, run.targets)
+    run.hosts = _hosts(run)
+    listed = fleet.run_on(__opts__, run.minions, "release.list", arg=[run.project],
+                          timeout_s=run.config.get("timeout_s", DEFAULT_TIMEOUT_S))
+    run.facts["found"] = {m: value.get("current") if ok else None for m, (ok, value) in listed.items()}
+    try:
+        run.facts["drained"] = _engine(run).drained(run.minions)
+    except fleet.FleetError as exc:
+        raise DeployError(str(exc))
+    _say(run, f"found {run.facts['found']}; drained: {', '.join(run.facts['drained']) or 'none'}")
+
+
+def finish(run):
+    """Take every node the dead run left behind to its target, through the rollout."""
+    found = run.facts.get("found") or {}
+    todo = recovery.to_finish(run.targets, found, run.facts.get("drained", []))
+    for minion in set(run.targets) - set(todo):
+        run.nodes[minion] = contract.node_result(True, run.targets[minion], run.previous.get(minion))
+    if todo:
+        _keep_in_waves(run, todo)
+        _roll(run, {m: run.targets[m] for m in todo})
+
+
+def send_back(run):
+    """Send the nodes the dead run switched back to their previous release; mark its release bad."""
+    found = run.facts.get("found") or {}
+    back = recovery.to_send_back(run.targets, run.previous, found)
+    for minion in set(run.targets) - set(back):
+        run.nodes[minion] = contract.node_result(True, found.get(minion), found.get(minion))
+    run.targets, run.previous = back, {m: found.get(m) for m in run.targets}
+    if back:
+        _keep_in_waves(run, back)
+        switched = _roll(run, back, rollback=True, force=True)
+        run.records.mark_bad(run.project, run.env, sorted({found[m] for m in switched}), run.record_id)
+    run.name = None if len(set(back.values())) != 1 else next(iter(back.values()))
+
+
+def settle(run):
+    """Nodes still drained go back into the load balancer when they serve their release."""
+    if not run.environment.get("lb") or not run.nodes:
+        return
+    engine = _engine(run)
+    drained = engine.drained(sorted(run.nodes))
+    if drained:
+        releases = {m: run.nodes[m]["release"] for m in drained}
+        run.facts["put_back"] = engine.settle(drained, releases)
+
+
+def _keep_in_waves(run, minions):
+    for wave in run.waves:
+        wave.minions = [m for m in wave.minions if m in minions]
+
+
+def _nothing_to_recover(run, comment):
+    run.records.finish_run(run.record_id, True, round(time.monotonic() - run.started, 3), None, {"comment": comment})
+    return {"result": True, "project": run.project, "env": run.env, "comment": comment, "retcode": 0}
+
+
 def _roll(run, targets, **activate_kwarg):
     """Switch nodes to ``targets`` through the rollout; returns the nodes that ended on their target."""
+    _journal(run, targets)
     outcome = _engine(run, **activate_kwarg).forward(run.waves, targets)
     for minion in targets:
         node = run.nodes.setdefault(minion, contract.node_result(True, run.previous.get(minion), run.previous.get(minion)))
@@ -492,6 +626,14 @@ def _roll(run, targets, **activate_kwarg):
     if outcome.stopped:
         raise DeployError(outcome.stopped + ("; switched nodes were rolled back" if outcome.reverted else ""))
     return [m for m in outcome.switched if m not in outcome.reverted]
+
+
+def _journal(run, targets):
+    """Before the first switch, what ``release.recover`` needs: each node's target and previous release."""
+    run.records.update_run(run.record_id, details={"journal": {
+        "targets": dict(targets), "previous": {m: run.previous.get(m) for m in targets},
+        "source_url": run.source_url, "sha256": run.sha256,
+    }})
 
 
 def _engine(run, **activate_kwarg):
