@@ -354,4 +354,4 @@ def _rows(cursor):
     if cursor.description is None:
         return []
     names = [column[0] for column in cursor.description]
-    return [dict(zip(names, row)) for row in cursor.fetchall()]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

@@ -867,7 +867,7 @@ def _records(conf):
     """The history store ``release:store`` names (sqlite by default, or a shared PostgreSQL)."""
     try:
         return store.Store(conf["state_dir"], conf.get("store", "sqlite"))
-    except Exception as exc:  # psycopg2's errors, a bad URL: say so without the URL's password
+    except Exception as exc:  # noqa: BLE001  # psycopg2's errors, a bad URL: said without the URL's password
         raise DeployError(f"cannot open the release store {store.safe_url(conf.get('store'))}: "
                           f"{store.safe_url(exc)}")
 
