@@ -873,9 +873,13 @@ def _records(conf):
 
 
 def _source_url(conf, project, name):
-    """Where nodes fetch a staged artifact: the HTTP artifact base when set, else the master's fileserver."""
-    if conf.get("artifact_url"):
-        return f"{conf['artifact_url'].rstrip('/')}/{project}/{name}.tar.gz"
+    """
+    Where nodes fetch a staged artifact: the HTTP artifact base when set (the
+    project's, else the master's), else the master's own fileserver.
+    """
+    base = (conf["projects"].get(project) or {}).get("artifact_url") or conf.get("artifact_url")
+    if base:
+        return f"{base.rstrip('/')}/{project}/{name}.tar.gz"
     return artifact.salt_url(conf["artifact_root"], __opts__["file_roots"].get("base", []), project, name)
 
 
