@@ -80,19 +80,24 @@ def start_artifact_server(root):
     return server, f"http://127.0.0.1:{port}"
 
 
-def shared_master_keys(base):
-    """One master key pair, copied into both masters' pki dirs before either starts."""
+def write_keys(dirs, name):
+    """One fresh RSA key pair, written as <name>.pem/<name>.pub into each folder."""
     private, public = salt.crypt.gen_keys(2048)
-    dirs = []
-    for name in ("a", "b"):
-        pki = os.path.join(base, f"pki-{name}")
-        os.makedirs(pki, mode=0o700)
-        for filename, text in (("master.pem", private), ("master.pub", public)):
-            with open(os.path.join(pki, filename), "w", encoding="utf-8") as handle:
+    for folder in dirs:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        for filename, text in ((f"{name}.pem", private), (f"{name}.pub", public)):
+            with open(os.path.join(folder, filename), "w", encoding="utf-8") as handle:
                 handle.write(text)
-        os.chmod(os.path.join(pki, "master.pem"), 0o400)
-        dirs.append(pki)
-    return dirs
+        os.chmod(os.path.join(folder, f"{name}.pem"), 0o400)
+
+
+def share_master_key(*masters):
+    """
+    One master key pair for both masters, written before either starts. Salt
+    3008's key cache (localfs_key) looks for it in pki_dir or, as seen here,
+    in the master's cachedir: both get it.
+    """
+    write_keys([m.config[key] for m in masters for key in ("pki_dir", "cachedir")], "master")
 
 
 def start_minion(master, minion_id, port, ret_ports):
@@ -105,13 +110,7 @@ def start_minion(master, minion_id, port, ret_ports):
         "master": [f"127.0.0.1:{p}" for p in ret_ports],
         "grains": {"env": "test", "role": "web", "app_addr": f"127.0.0.1:{port}"},
     })
-    pki = minion.config["pki_dir"]
-    os.makedirs(pki, mode=0o700, exist_ok=True)
-    private, public = salt.crypt.gen_keys(2048)
-    for filename, text in (("minion.pem", private), ("minion.pub", public)):
-        with open(os.path.join(pki, filename), "w", encoding="utf-8") as handle:
-            handle.write(text)
-    os.chmod(os.path.join(pki, "minion.pem"), 0o400)
+    write_keys([minion.config["pki_dir"]], "minion")
     minion.start(start_timeout=120)
     return minion
 
@@ -133,7 +132,6 @@ def ha(salt_factories, app_repo, tmp_path_factory):
         handle.write(PILLAR_TOP)
     with open(os.path.join(pillar_root, "release.sls"), "w", encoding="utf-8") as handle:
         handle.write(PILLAR.replace("{{ nodes_root }}", nodes_root).replace("{{ app_user }}", "www-data"))
-    pki_a, pki_b = shared_master_keys(base)
     # Each master has its own fileserver: nodes must fetch from the master that published the job.
     roots = {name: make_file_root(os.path.join(base, f"files-{name}", "base")) for name in ("a", "b")}
     artifact_server, artifact_url = start_artifact_server(os.path.join(roots["a"], "releases"))
@@ -166,10 +164,11 @@ def ha(salt_factories, app_repo, tmp_path_factory):
                   "timeout": 15, "gather_job_timeout": 10, "fileserver_list_cache_time": 0}
         master_b = salt_factories.salt_master_daemon("h8b", overrides=dict(
             common, file_roots={"base": [roots["b"]]}, release=release_config("b"),
-            pki_dir=pki_b, ret_port=ret_b, publish_port=pub_b))
+            ret_port=ret_b, publish_port=pub_b))
         master_a = salt_factories.salt_master_daemon("h8a", overrides=dict(
             common, file_roots={"base": [roots["a"]]}, release=release_config("a"),
-            pki_dir=pki_a, ret_port=ret_a, publish_port=pub_a))
+            ret_port=ret_a, publish_port=pub_a))
+        share_master_key(master_a, master_b)
         with master_b.started(start_timeout=120), master_a.started(start_timeout=120):
             minions = [start_minion(master_a, m, ports[m], [ret_a, ret_b]) for m in APPS]
             cluster = Cluster(master_a, minions, release_config("a"), nodes_root, pillar_root)
