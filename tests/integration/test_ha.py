@@ -220,7 +220,11 @@ def wait_for(what, timeout_s=120):
 
 
 def lock_row(ha, project, env):
+    """The lock row in PostgreSQL (None before the first runner made the schema)."""
     with psycopg2.connect(ha.pg_url) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('locks') IS NOT NULL")
+        if not cursor.fetchone()[0]:
+            return None
         cursor.execute("SELECT owner FROM locks WHERE project = %s AND env = %s", (project, env))
         row = cursor.fetchone()
     return json.loads(row[0]) if row else None
