@@ -303,7 +303,8 @@ def test_runner_killed_mid_wave_is_finished_from_the_other_master(ha):
     assert down(ha) == []
     assert ret["release"] == new and ret["mode"] == "finish"
     runs = dead_and_recover(ha)
-    recover_run, unlock_run, dead = runs[0], runs[1], runs[2]
+    by_kind = {r["kind"]: r for r in reversed(runs)}  # newest of each kind
+    recover_run, unlock_run, dead = by_kind["recover"], by_kind["unlock"], by_kind["deploy"]
     assert recover_run["kind"] == "recover" and recover_run["result"] == 1
     assert unlock_run["kind"] == "unlock" and unlock_run["details"]["dead_holder"] is True
     assert dead["kind"] == "deploy" and dead["result"] == 0 and f"recovered by run {recover_run['id']}" in dead["error"]
