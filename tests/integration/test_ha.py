@@ -102,9 +102,8 @@ def share_master_key(*masters):
 
 def start_minion(master, minion_id, port, ret_ports):
     """
-    A minion of both masters. Its key is made before it starts: on a first
-    start its two master connections each generate a key at once, and one
-    master's reply then fails to decrypt (seen with Salt 3008.4).
+    A minion of both masters. Its key is made before it starts, as a package
+    install would, so its two master connections never race to create it.
     """
     minion = master.salt_minion_daemon(minion_id, overrides={
         "master": [f"127.0.0.1:{p}" for p in ret_ports],
