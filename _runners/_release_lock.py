@@ -1,5 +1,7 @@
 """
-Master side: the per project+env deploy lock.
+Master side: the per project+env deploy lock of one master (the default
+store); with a PostgreSQL store both masters share ``SessionLocks`` instead
+(in ``_release_store.py``), which offers the same methods as ``FileLocks``.
 
 The lock is a file created atomically (``O_CREAT|O_EXCL``) under
 ``<state_dir>/locks``; it records its owner (user, host, pid, jid, start,
@@ -27,10 +29,9 @@ def lock_path(state_dir, project, env):
     return os.path.join(state_dir, "locks", f"{project}.{env}.lock")
 
 
-def acquire(path, user, jid, reason, wait_s=0, poll_s=0.5):
-    """Take the lock or raise LockHeld; returns the owner record (with its token)."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    owner = {
+def new_owner(user, jid, reason):
+    """The record a lock holder leaves: who, where, since when, why, and its secret token."""
+    return {
         "token": uuid.uuid4().hex,
         "user": user,
         "host": socket.gethostname(),
@@ -40,6 +41,17 @@ def acquire(path, user, jid, reason, wait_s=0, poll_s=0.5):
         "since_epoch": time.time(),
         "reason": reason,
     }
+
+
+def unknown_owner():
+    """A holder that left no readable record (half-written, or not written yet)."""
+    return {"token": None, "user": "unknown", "since": "unknown"}
+
+
+def acquire(path, user, jid, reason, wait_s=0, poll_s=0.5):
+    """Take the lock or raise LockHeld; returns the owner record (with its token)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    owner = new_owner(user, jid, reason)
     deadline = time.monotonic() + float(wait_s or 0)
     while True:
         try:
@@ -84,7 +96,7 @@ def read(path):
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {"token": None, "user": "unknown", "since": "unknown"}
+        return unknown_owner()
 
 
 def release(path, token):
@@ -132,3 +144,25 @@ def describe(owner):
         f"locked by {owner.get('user')} on {owner.get('host')} (pid {owner.get('pid')}, "
         f"jid {owner.get('jid')}) since {owner.get('since')}: {owner.get('reason')}"
     )
+
+
+class FileLocks:
+    """The lock files of one master's state_dir, behind the interface the runner uses for any store."""
+
+    def __init__(self, state_dir):
+        self.state_dir = state_dir
+
+    def acquire(self, project, env, user, jid, reason, wait_s=0):
+        return acquire(lock_path(self.state_dir, project, env), user, jid, reason, wait_s)
+
+    def release(self, project, env, token):
+        return release(lock_path(self.state_dir, project, env), token)
+
+    def read(self, project, env):
+        return read(lock_path(self.state_dir, project, env))
+
+    def remove(self, project, env):
+        return remove(lock_path(self.state_dir, project, env))
+
+    def holder_alive(self, project, env, owner, ttl_s):
+        return holder_alive(owner, ttl_s)

@@ -197,6 +197,23 @@ class Rollout:
             self._undrain(healthy)
             outcome.reverted.extend(switched)
 
+    def settle(self, minions, targets):
+        """Put drained nodes back into the load balancer when they pass their check; returns those."""
+        healthy, _ = self._verify(minions, targets)
+        self._undrain(healthy)
+        return healthy
+
+    def drained(self, minions):
+        """The nodes the load balancer has down now (none without one); raises when it cannot say."""
+        if not self.lb or not minions:
+            return []
+        lb_minion = self.lb["minion"]
+        ok, value = fleet.run_on(self.opts, [lb_minion], "release_lb.status", arg=[self.lb["upstream_file"]],
+                                 timeout_s=self.timeout_s)[lb_minion]
+        if not ok:
+            raise fleet.FleetError(f"load balancer {lb_minion} cannot say which nodes are down: {value}")
+        return [m for m in minions if value.get(self._backend(m))]
+
     # ------------------------------------------------------------ one batch
 
     def _batch(self, batch, targets, total):
@@ -294,7 +311,7 @@ class Rollout:
         if not self.lb or not minions:
             return True
         started = time.monotonic()
-        backends = [self.lb.get("backend", "{host}").format(host=self.hosts.get(m), minion=m) for m in minions]
+        backends = [self._backend(m) for m in minions]
         kwarg = {k: self.lb[k] for k in ("kind", "test_cmd", "reload_cmd") if k in self.lb}
         outcome = fleet.run_on(
             self.opts, [self.lb["minion"]], f"release_lb.{phase}",
@@ -304,3 +321,6 @@ class Rollout:
         for minion in minions:
             self.report(minion, phase, ok, time.monotonic() - started, None if ok else value, None)
         return ok
+
+    def _backend(self, minion):
+        return self.lb.get("backend", "{host}").format(host=self.hosts.get(minion), minion=minion)

@@ -1,21 +1,32 @@
 """
-Master side: the records of every deploy, rollback, unlock and refused
-attempt, in an embedded SQLite database under ``<state_dir>/history.db``.
+Master side: the records of every deploy, rollback, recovery, unlock and
+refused attempt, and (with PostgreSQL) the deploy lock both masters share.
+
+``release:store`` picks the database: ``sqlite`` (the default, embedded, under
+``<state_dir>/history.db``) or a ``postgresql://`` URL that several masters
+share. The SQL below is written once; a small dialect says how each database
+connects, numbers rows and spells parameters.
 
 Rows are written as a run goes (the run row first, each node phase as it
 ends, the outcome last), so a crash leaves a truthful partial record: a run
-whose ``result`` is NULL never finished.
+whose ``result`` is NULL never finished. Before its first switch a run also
+writes its journal (each node's target and previous release) into
+``details``, which is what ``release.recover`` reads.
 """
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import sqlite3
+import time
+
+import _release_lock as locking
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     kind TEXT NOT NULL,            -- deploy, rollback, unlock, refused, ...
     project TEXT NOT NULL,
     env TEXT,
@@ -34,7 +45,7 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_project_env ON runs (project, env, started_at);
 CREATE TABLE IF NOT EXISTS phases (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     run_id INTEGER NOT NULL REFERENCES runs (id),
     minion TEXT NOT NULL,
     phase TEXT NOT NULL,
@@ -55,37 +66,128 @@ CREATE TABLE IF NOT EXISTS bad_releases (
 """
 
 
+PG_LOCK_SCHEMA = """
+CREATE TABLE IF NOT EXISTS locks (
+    project TEXT NOT NULL,
+    env TEXT NOT NULL,
+    token TEXT NOT NULL,
+    owner TEXT NOT NULL,           -- JSON: who, where, since, why, fence
+    PRIMARY KEY (project, env)
+);
+CREATE SEQUENCE IF NOT EXISTS lock_fence;
+"""
+
+
 def now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+class SqliteDialect:
+    """The embedded default: one file per master, the file lock beside it."""
+
+    serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    param = "?"
+
+    def __init__(self, state_dir):
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, "history.db")
+
+    def connect(self):
+        return sqlite3.connect(self.path, timeout=30)
+
+    def create(self, db, schema):
+        db.executescript(schema)
+
+    def locks(self):
+        return locking.FileLocks(self.state_dir)
+
+
+class PostgresDialect:
+    """A PostgreSQL database several masters share: records and the deploy lock."""
+
+    serial = "BIGSERIAL PRIMARY KEY"
+    param = "%s"
+
+    def __init__(self, url):
+        import psycopg2  # pylint: disable=import-outside-toplevel  # only masters that use it need it
+
+        self.url, self.driver = url, psycopg2
+
+    def connect(self):
+        return self.driver.connect(self.url)
+
+    def create(self, db, schema):
+        with db.cursor() as cursor:
+            # Two masters starting at once would race on CREATE ... IF NOT EXISTS.
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key("schema"),))
+            cursor.execute(schema + PG_LOCK_SCHEMA)
+
+    def locks(self):
+        return SessionLocks(self)
+
+
+def dialect_for(state_dir, backend):
+    backend = backend or "sqlite"
+    if backend == "sqlite":
+        return SqliteDialect(state_dir)
+    if backend.startswith(("postgresql://", "postgres://")):
+        return PostgresDialect(backend)
+    raise ValueError(f"release:store must be 'sqlite' or a postgresql:// URL, not {safe_url(backend)!r}")
+
+
+def safe_url(url):
+    """A store URL fit for an error message or a log: never its password."""
+    scheme, sep, rest = str(url).partition("://")
+    return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}" if "@" in rest else str(url)
+
+
+def advisory_key(*parts):
+    """A stable signed 64-bit key for pg_advisory_lock from text."""
+    digest = hashlib.sha256("/".join(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 class Store:
     """The history database; every call opens, writes and commits on its own."""
 
-    def __init__(self, state_dir):
-        os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        self.path = os.path.join(state_dir, "history.db")
+    def __init__(self, state_dir, backend="sqlite"):
+        self.dialect = dialect_for(state_dir, backend)
         with self._db() as db:
-            db.executescript(SCHEMA)
+            self.dialect.create(db, SCHEMA.format(serial=self.dialect.serial))
 
     @contextlib.contextmanager
     def _db(self):
-        db = sqlite3.connect(self.path, timeout=30)
-        db.row_factory = sqlite3.Row
+        db = self.dialect.connect()
         try:
-            with db:
+            with db:  # one transaction, committed on success (both drivers)
                 yield db
         finally:
             db.close()
 
+    def _query(self, sql, params=(), db=None):
+        """Run one statement (written with ``?``); returns its rows as dicts."""
+        if db is None:
+            with self._db() as db:
+                return self._query(sql, params, db)
+        cursor = db.cursor()  # sqlite3 cursors are no context managers
+        try:
+            cursor.execute(sql.replace("?", self.dialect.param), tuple(params))
+            return _rows(cursor)
+        finally:
+            cursor.close()
+
+    def locks(self):
+        """The deploy lock that goes with this store (file lock or PostgreSQL session lock)."""
+        return self.dialect.locks()
+
     def start_run(self, kind, project, env=None, trigger="cli", who=None, jid=None, ref=None):
-        with self._db() as db:
-            cursor = db.execute(
-                "INSERT INTO runs (kind, project, env, trigger, who, jid, ref, started_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, project, env, trigger, who, jid, ref, now()),
-            )
-            return cursor.lastrowid
+        [row] = self._query(
+            "INSERT INTO runs (kind, project, env, trigger, who, jid, ref, started_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (kind, project, env, trigger, who, jid, ref, now()),
+        )
+        return row["id"]
 
     def update_run(self, run_id, **fields):
         allowed = {"commit", "release", "ref", "details"}
@@ -95,25 +197,22 @@ class Store:
         if "details" in fields:
             fields["details"] = json.dumps(fields["details"], sort_keys=True)
         assignments = ", ".join(f'"{k}" = ?' for k in fields)
-        with self._db() as db:
-            db.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*fields.values(), run_id))
+        self._query(f"UPDATE runs SET {assignments} WHERE id = ?", (*fields.values(), run_id))
 
     def node_phase(self, run_id, minion, phase, started_at, duration_s, result, error=None):
-        with self._db() as db:
-            db.execute(
-                "INSERT INTO phases (run_id, minion, phase, started_at, duration_s, result, error)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, minion, phase, started_at, duration_s, int(bool(result)), error),
-            )
+        self._query(
+            "INSERT INTO phases (run_id, minion, phase, started_at, duration_s, result, error)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (run_id, minion, phase, started_at, duration_s, int(bool(result)), error),
+        )
 
     def finish_run(self, run_id, result, duration_s, error=None, details=None):
-        with self._db() as db:
-            db.execute(
-                "UPDATE runs SET result = ?, duration_s = ?, error = ?, finished_at = ?,"
-                " details = COALESCE(?, details) WHERE id = ?",
-                (int(bool(result)), duration_s, error, now(),
-                 json.dumps(details, sort_keys=True) if details is not None else None, run_id),
-            )
+        self._query(
+            "UPDATE runs SET result = ?, duration_s = ?, error = ?, finished_at = ?,"
+            " details = COALESCE(?, details) WHERE id = ?",
+            (int(bool(result)), duration_s, error, now(),
+             json.dumps(details, sort_keys=True) if details is not None else None, run_id),
+        )
 
     def record(self, kind, project, env=None, result=False, error=None, **fields):
         """A run that is over as soon as it starts: an unlock, a refused webhook."""
@@ -137,37 +236,122 @@ class Store:
             params.append(since)
         query += " ORDER BY id DESC LIMIT ?"
         params.append(int(limit))
-        with self._db() as db:
-            return [dict(row) for row in db.execute(query, params)]
+        return self._query(query, params)
 
     def phases(self, run_id):
-        with self._db() as db:
-            return [
-                dict(row)
-                for row in db.execute("SELECT * FROM phases WHERE run_id = ? ORDER BY id", (run_id,))
-            ]
+        return self._query("SELECT * FROM phases WHERE run_id = ? ORDER BY id", (run_id,))
 
     def mark_bad(self, project, env, releases, run_id):
         """Releases a rollback left: no default rollback picks them, deploying their commit needs force."""
         with self._db() as db:
             for release in releases:
-                db.execute("DELETE FROM bad_releases WHERE project = ? AND env = ? AND release = ?",
-                           (project, env, release))
-                db.execute("INSERT INTO bad_releases (project, env, release, run_id, marked_at)"
-                           " VALUES (?, ?, ?, ?, ?)", (project, env, release, run_id, now()))
+                self._query("DELETE FROM bad_releases WHERE project = ? AND env = ? AND release = ?",
+                            (project, env, release), db)
+                self._query("INSERT INTO bad_releases (project, env, release, run_id, marked_at)"
+                            " VALUES (?, ?, ?, ?, ?)", (project, env, release, run_id, now()), db)
 
     def clear_bad(self, project, env, release):
-        with self._db() as db:
-            db.execute("DELETE FROM bad_releases WHERE project = ? AND env = ? AND release = ?",
-                       (project, env, release))
+        self._query("DELETE FROM bad_releases WHERE project = ? AND env = ? AND release = ?",
+                    (project, env, release))
 
     def bad_releases(self, project, env):
         """``{release: commit}`` of the releases marked bad in ``env`` (commit None when unknown)."""
-        with self._db() as db:
-            rows = db.execute(
-                'SELECT b.release, MAX(r."commit") AS "commit" FROM bad_releases b'
-                " LEFT JOIN runs r ON r.release = b.release AND r.kind = 'deploy'"
-                " WHERE b.project = ? AND b.env = ? GROUP BY b.release",
-                (project, env),
+        rows = self._query(
+            'SELECT b.release, MAX(r."commit") AS "commit" FROM bad_releases b'
+            " LEFT JOIN runs r ON r.release = b.release AND r.kind = 'deploy'"
+            " WHERE b.project = ? AND b.env = ? GROUP BY b.release",
+            (project, env),
+        )
+        return {row["release"]: row["commit"] for row in rows}
+
+
+class SessionLocks:
+    """
+    The deploy lock in PostgreSQL, shared by every master on the database: a
+    session advisory lock on the project+env key, held by a connection the
+    holder keeps open for the whole run, plus a ``locks`` row (unique per
+    project+env) saying who holds it. A holder that dies loses its session
+    and so the advisory lock; its row stays as the record of a dead holder,
+    which the next taker replaces (and reports as taken over).
+    """
+
+    def __init__(self, dialect):
+        self.dialect = dialect
+        self.sessions = {}  # token -> the connection that holds the advisory lock
+
+    def acquire(self, project, env, user, jid, reason, wait_s=0, poll_s=0.5):
+        session = self.dialect.connect()
+        session.autocommit = True
+        key = advisory_key("lock", project, env)
+        deadline = time.monotonic() + float(wait_s or 0)
+        try:
+            while not self._fetch(session, "SELECT pg_try_advisory_lock(%s) AS got", (key,))[0]["got"]:
+                if time.monotonic() >= deadline:
+                    raise locking.LockHeld(self.read(project, env) or locking.unknown_owner())
+                time.sleep(poll_s)
+            dead = self.read(project, env)
+            owner = locking.new_owner(user, jid, reason)
+            owner["fence"] = self._fetch(session, "SELECT nextval('lock_fence') AS fence")[0]["fence"]
+            self._fetch(
+                session,
+                "INSERT INTO locks (project, env, token, owner) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (project, env) DO UPDATE SET token = EXCLUDED.token, owner = EXCLUDED.owner",
+                (project, env, owner["token"], json.dumps(owner)),
             )
-            return {row["release"]: row["commit"] for row in rows}
+        except BaseException:
+            session.close()
+            raise
+        if dead:
+            owner["took_over"] = dead
+        self.sessions[owner["token"]] = session
+        return owner
+
+    def release(self, project, env, token):
+        """Drop our row and our session (which frees the advisory lock); True when it was ours."""
+        session = self.sessions.pop(token, None)
+        if session is None:
+            return False
+        try:
+            gone = self._fetch(session, "DELETE FROM locks WHERE project = %s AND env = %s AND token = %s"
+                                        " RETURNING token", (project, env, token))
+        finally:
+            session.close()
+        return bool(gone)
+
+    def read(self, project, env):
+        with contextlib.closing(self.dialect.connect()) as db:
+            rows = self._fetch(db, "SELECT owner FROM locks WHERE project = %s AND env = %s", (project, env))
+            db.commit()
+        return json.loads(rows[0]["owner"]) if rows else None
+
+    def remove(self, project, env):
+        """Delete the row whoever wrote it; a live holder keeps its session lock all the same."""
+        holder = self.read(project, env)
+        with contextlib.closing(self.dialect.connect()) as db:
+            self._fetch(db, "DELETE FROM locks WHERE project = %s AND env = %s", (project, env))
+            db.commit()
+        return holder
+
+    def holder_alive(self, project, env, owner, ttl_s):
+        """Certain, on any master: the holder is alive exactly while its session holds the advisory lock."""
+        key = advisory_key("lock", project, env)
+        with contextlib.closing(self.dialect.connect()) as db:
+            db.autocommit = True
+            free = self._fetch(db, "SELECT pg_try_advisory_lock(%s) AS got", (key,))[0]["got"]
+            if free:
+                self._fetch(db, "SELECT pg_advisory_unlock(%s)", (key,))
+        return not free
+
+    @staticmethod
+    def _fetch(db, sql, params=()):
+        with db.cursor() as cursor:
+            cursor.execute(sql, params)
+            return _rows(cursor)
+
+
+def _rows(cursor):
+    """The rows of the last statement as dicts (none for a statement that returns nothing)."""
+    if cursor.description is None:
+        return []
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]

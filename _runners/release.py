@@ -46,6 +46,7 @@ import _release_artifact as artifact
 import _release_config as nodeconfig
 import _release_fleet as fleet
 import _release_lock as locking
+import _release_recover as recovery
 import _release_report as report_page
 import _release_retain as retain
 import _release_rollout as rollout
@@ -179,20 +180,21 @@ def unlock(project, env, force=False):
         salt-run release.unlock rainbow env=pro force=True
     """
     conf = _release_opts()
-    path = locking.lock_path(conf["state_dir"], project, env)
-    holder = locking.read(path)
+    records = _records(conf)
+    locks = records.locks()
+    holder = locks.read(project, env)
     if holder is None:
         return {"result": True, "comment": f"{project}/{env} is not locked", "retcode": 0}
     ttl_s = float((conf["projects"].get(project) or {}).get("lock_ttl_s", DEFAULT_LOCK_TTL_S))
-    if locking.holder_alive(holder, ttl_s) and not force:
+    if locks.holder_alive(project, env, holder, ttl_s) and not force:
         return {
             "result": False, "retcode": 1,
             "error": f"{project}/{env} is {locking.describe(holder)}; its holder may be alive: "
                      "pass force=True to break it anyway",
         }
-    broken = locking.remove(path)
+    broken = locks.remove(project, env)
     who = getpass.getuser()
-    store.Store(conf["state_dir"]).record(
+    records.record(
         "unlock", project, env, result=True, who=who,
         details={"broken": _public_owner(broken), "force": bool(force)},
     )
@@ -258,9 +260,10 @@ def package(run):
 
 def stage(run):
     """Put the tarball where the master's fileserver serves it."""
-    root = _release_opts()["artifact_root"]
+    conf = _release_opts()
+    root = conf["artifact_root"]
     try:
-        run.source_url = artifact.salt_url(root, __opts__["file_roots"].get("base", []), run.project, run.name)
+        run.source_url = _source_url(conf, run.project, run.name)
     except artifact.ArtifactError as exc:
         raise DeployError(str(exc))
     dest = os.path.join(root, run.project, f"{run.name}.tar.gz")
@@ -488,8 +491,141 @@ def status(project, env, **kwargs):
     return dict(found, result=ok, project=project, env=env, retcode=0 if ok else 1)
 
 
+# ---------------------------------------------------------------- recovery
+
+
+def recover(project, env, mode="finish", author=None, **kwargs):
+    """
+    Finish or undo the newest deploy or rollback of an environment after its
+    runner (or its master) died mid-rollout. Reads the run's journal from the
+    store and each node's real state (``release.list``, the load balancer's
+    status), takes over the dead run's lock (recorded), then either switches
+    the remaining nodes to the run's release (``mode=finish``) or sends the
+    switched ones back (``mode=rollback``), through the same rollout; drained
+    nodes that are healthy go back into the load balancer. The dead run is
+    closed as failed, "recovered by" this one. Run it on either master when
+    both share a PostgreSQL store.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.recover rainbow env=pro
+        salt-run release.recover rainbow env=pro mode=rollback
+    """
+    run = _begin(project, env, f"recover {mode}", author, "cli", kwargs, kind="recover")
+    if not run.error and mode not in recovery.MODES:
+        run.error, run.failed_step = f"mode must be one of {', '.join(recovery.MODES)}, not {mode!r}", "configure"
+    dead = None
+    try:
+        dead = _dead_run(run)
+        with _locked(run, f"recover ({mode}) of run {dead['id']}", 0, take_over=True):
+            if not run.targets:
+                _close_dead(run, dead, mode)
+                raise recovery.NothingToRecover(f"run {dead['id']} died before its first switch: no node to recover")
+            for step in (survey, finish if mode == "finish" else send_back, settle):
+                _step(run, step)
+    except recovery.NothingToRecover as exc:
+        return _nothing_to_recover(run, str(exc))
+    except DeployError as exc:
+        run.error = run.error or str(exc)
+    run.facts.update(recovered_run=dead and dead["id"], mode=mode)
+    ret = record(run)
+    if ret["result"]:  # a failed recovery leaves the dead run open, for another try
+        _close_dead(run, dead, mode)
+    return ret
+
+
+def _close_dead(run, dead, mode):
+    run.records.finish_run(dead["id"], False, None, (dead["error"] or "the run died mid-rollout")
+                           + f"; recovered by run {run.record_id} ({mode}, {run.author})")
+
+
+def _dead_run(run):
+    """The run to recover and its journal (``run.targets``, ``run.previous``)."""
+    if run.error:
+        raise DeployError(run.error)
+    dead = recovery.dead_run(run.records.runs(run.project, run.env, limit=50, kinds=recovery.RECOVERABLE))
+    details = json.loads(dead["details"]) if dead["details"] else None
+    journal = recovery.journal(details)
+    run.facts["recovered_run"] = dead["id"]
+    if journal:
+        run.targets, run.previous = journal["targets"], journal["previous"]
+        run.name, run.source_url, run.sha256 = dead["release"], journal["source_url"], journal["sha256"]
+    _say(run, f"recovering run {dead['id']} ({dead['kind']} {dead['release'] or dead['ref']} "
+              f"by {dead['who']}, jid {dead['jid']})")
+    return dead
+
+
+def survey(run):
+    """Where the dead run left each node: its current release, and whether the load balancer has it down."""
+    if not run.targets:
+        return
+    try:
+        run.waves = rollout.plan_waves(__opts__, run.environment)
+    except (fleet.FleetError, KeyError, ValueError) as exc:
+        raise DeployError(f"bad waves for {run.project}/{run.env}: {exc}")
+    _keep_in_waves(run, run.targets)
+    run.hosts = _hosts(run)
+    listed = fleet.run_on(__opts__, run.minions, "release.list", arg=[run.project],
+                          timeout_s=run.config.get("timeout_s", DEFAULT_TIMEOUT_S))
+    run.facts["found"] = {m: value.get("current") if ok else None for m, (ok, value) in listed.items()}
+    try:
+        run.facts["drained"] = _engine(run).drained(run.minions)
+    except fleet.FleetError as exc:
+        raise DeployError(str(exc))
+    _say(run, f"found {run.facts['found']}; drained: {', '.join(run.facts['drained']) or 'none'}")
+
+
+def finish(run):
+    """Take every node the dead run left behind to its target, through the rollout."""
+    found = run.facts.get("found") or {}
+    todo = recovery.to_finish(run.targets, found, run.facts.get("drained", []))
+    for minion in set(run.targets) - set(todo):
+        run.nodes[minion] = contract.node_result(True, run.targets[minion], run.previous.get(minion))
+    if todo:
+        _keep_in_waves(run, todo)
+        _roll(run, {m: run.targets[m] for m in todo})
+
+
+def send_back(run):
+    """Send the nodes the dead run switched back to their previous release; mark its release bad."""
+    found = run.facts.get("found") or {}
+    back = recovery.to_send_back(run.targets, run.previous, found)
+    for minion in set(run.targets) - set(back):
+        run.nodes[minion] = contract.node_result(True, found.get(minion), found.get(minion))
+    run.targets, run.previous = back, {m: found.get(m) for m in run.targets}
+    if back:
+        _keep_in_waves(run, back)
+        switched = _roll(run, back, rollback=True, force=True)
+        run.records.mark_bad(run.project, run.env, sorted({found[m] for m in switched}), run.record_id)
+    run.name = None if len(set(back.values())) != 1 else next(iter(back.values()))
+
+
+def settle(run):
+    """Nodes still drained go back into the load balancer when they serve their release."""
+    if not run.environment.get("lb") or not run.nodes:
+        return
+    engine = _engine(run)
+    drained = engine.drained(sorted(run.nodes))
+    if drained:
+        releases = {m: run.nodes[m]["release"] for m in drained}
+        run.facts["put_back"] = engine.settle(drained, releases)
+
+
+def _keep_in_waves(run, minions):
+    for wave in run.waves:
+        wave.minions = [m for m in wave.minions if m in minions]
+
+
+def _nothing_to_recover(run, comment):
+    run.records.finish_run(run.record_id, True, round(time.monotonic() - run.started, 3), None, {"comment": comment})
+    return {"result": True, "project": run.project, "env": run.env, "comment": comment, "retcode": 0}
+
+
 def _roll(run, targets, **activate_kwarg):
     """Switch nodes to ``targets`` through the rollout; returns the nodes that ended on their target."""
+    _journal(run, targets)
     outcome = _engine(run, **activate_kwarg).forward(run.waves, targets)
     for minion in targets:
         node = run.nodes.setdefault(minion, contract.node_result(True, run.previous.get(minion), run.previous.get(minion)))
@@ -504,6 +640,14 @@ def _roll(run, targets, **activate_kwarg):
     if outcome.stopped:
         raise DeployError(outcome.stopped + ("; switched nodes were rolled back" if outcome.reverted else ""))
     return [m for m in outcome.switched if m not in outcome.reverted]
+
+
+def _journal(run, targets):
+    """Before the first switch, what ``release.recover`` needs: each node's target and previous release."""
+    run.records.update_run(run.record_id, details={"journal": {
+        "targets": dict(targets), "previous": {m: run.previous.get(m) for m in targets},
+        "source_url": run.source_url, "sha256": run.sha256,
+    }})
 
 
 def _engine(run, **activate_kwarg):
@@ -531,8 +675,7 @@ def _find_staged(run):
     try:
         with open(published.checksum_path(tarball), encoding="utf-8") as handle:
             run.sha256 = published.parse_checksum(handle.read())
-        run.source_url = artifact.salt_url(conf["artifact_root"], __opts__["file_roots"].get("base", []),
-                                           run.project, run.name)
+        run.source_url = _source_url(conf, run.project, run.name)
     except (OSError, artifact.ArtifactError):
         run.sha256 = None
 
@@ -551,7 +694,7 @@ def history(project, env=None, limit=20, phases=False, **kwargs):
 
         salt-run release.history rainbow env=pro limit=5 phases=True
     """
-    records = store.Store(_release_opts()["state_dir"])
+    records = _records(_release_opts())
     runs = [_readable(row) for row in records.runs(project, env, limit)]
     if phases:
         for row in runs:
@@ -589,7 +732,7 @@ def report(project, out, env=None, days=30, **kwargs):
         salt-run release.report rainbow out=/var/www/reports/rainbow.html
     """
     conf = _release_opts()
-    records = store.Store(conf["state_dir"])
+    records = _records(conf)
     rows = _recent_runs(project, env, days)
     last = next((r for r in rows if r["kind"] in ("deploy", "rollback") and records.phases(r["id"])), None)
     page = report_page.render(
@@ -605,7 +748,7 @@ def report(project, out, env=None, days=30, **kwargs):
 
 def _recent_runs(project, env, days):
     since = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=float(days))
-    return store.Store(_release_opts()["state_dir"]).runs(
+    return _records(_release_opts()).runs(
         project, env, limit=100000, since=since.isoformat(timespec="milliseconds"))
 
 
@@ -735,6 +878,26 @@ def _release_opts():
     return conf
 
 
+def _records(conf):
+    """The history store ``release:store`` names (sqlite by default, or a shared PostgreSQL)."""
+    try:
+        return store.Store(conf["state_dir"], conf.get("store", "sqlite"))
+    except Exception as exc:  # noqa: BLE001  # psycopg2's errors, a bad URL: said without the URL's password
+        raise DeployError(f"cannot open the release store {store.safe_url(conf.get('store'))}: "
+                          f"{store.safe_url(exc)}")
+
+
+def _source_url(conf, project, name):
+    """
+    Where nodes fetch a staged artifact: the HTTP artifact base when set (the
+    project's, else the master's), else the master's own fileserver.
+    """
+    base = (conf["projects"].get(project) or {}).get("artifact_url") or conf.get("artifact_url")
+    if base:
+        return f"{base.rstrip('/')}/{project}/{name}.tar.gz"
+    return artifact.salt_url(conf["artifact_root"], __opts__["file_roots"].get("base", []), project, name)
+
+
 def _begin(project, env, ref, author, trigger, kwargs, record=True, kind="deploy"):
     conf = _release_opts()
     config = conf["projects"].get(project)
@@ -744,7 +907,7 @@ def _begin(project, env, ref, author, trigger, kwargs, record=True, kind="deploy
         jid=kwargs.get("__pub_jid") or _jid(), trigger=trigger, kind=kind,
     )
     if record:
-        run.records = store.Store(conf["state_dir"])
+        run.records = _records(conf)
         run.record_id = run.records.start_run(run.kind, project, env, trigger, run.author, run.jid, run.ref)
     if config is None:
         run.error = f"unknown project {project!r}: not under release:projects in the master config"
@@ -759,30 +922,53 @@ def _begin(project, env, ref, author, trigger, kwargs, record=True, kind="deploy
 
 
 class _locked:
-    """Hold the project+env lock for the run; only ever release our own token."""
+    """
+    Hold the project+env lock for the run; only ever release our own token.
+    ``take_over`` (recover) breaks a lock whose holder is dead. A lock taken
+    from a dead holder, which PostgreSQL's session lock knows for certain, is
+    recorded as an unlock.
+    """
 
-    def __init__(self, run, reason, wait):
-        self.run, self.reason, self.wait = run, reason, wait
-        self.path = locking.lock_path(run.state_dir, run.project, run.env)
+    def __init__(self, run, reason, wait, take_over=False):
+        self.run, self.reason, self.wait, self.take_over = run, reason, wait, take_over
+        self.locks = run.records.locks() if run.records else None
         self.owner = None
 
     def __enter__(self):
         if self.run.error:
             raise DeployError(self.run.error)
         try:
-            self.owner = locking.acquire(
-                self.path, self.run.author, self.run.jid, f"{self.reason} {self.run.ref}", self.wait
-            )
+            self.owner = self._acquire()
             self.run.fence = self.owner["fence"]
         except locking.LockHeld as exc:
             self.run.failed_step = "lock"
             raise DeployError(f"{self.run.project}/{self.run.env} is {exc}")
+        if self.owner.get("took_over"):
+            self._record_take_over(self.owner.pop("took_over"))
         _fire(self.run, ("start",), {"ref": self.run.ref, "author": self.run.author, "jid": self.run.jid})
         return self.owner
 
+    def _acquire(self):
+        run = self.run
+        args = (run.project, run.env, run.author, run.jid, f"{self.reason} {run.ref}")
+        try:
+            return self.locks.acquire(*args, wait_s=self.wait)
+        except locking.LockHeld as exc:
+            ttl_s = float(run.config.get("lock_ttl_s", DEFAULT_LOCK_TTL_S))
+            if not self.take_over or self.locks.holder_alive(run.project, run.env, exc.owner, ttl_s):
+                raise
+        broken = self.locks.remove(run.project, run.env)
+        return dict(self.locks.acquire(*args), took_over=broken)
+
+    def _record_take_over(self, dead):
+        dead = _public_owner(dead)
+        self.run.records.record("unlock", self.run.project, self.run.env, result=True, who=self.run.author,
+                                jid=self.run.jid, details={"broken": dead, "dead_holder": True, "by": self.reason})
+        _say(self.run, f"took over the lock of a dead holder: {locking.describe(dead)}")
+
     def __exit__(self, *exc_info):
         if self.owner:
-            locking.release(self.path, self.owner["token"])
+            self.locks.release(self.run.project, self.run.env, self.owner["token"])
         return False
 
 
@@ -891,7 +1077,7 @@ def _refuse_webhook(conf, project, reason, error, record=True):
     name = contract.sanitize_field(project)
     data = {"project": name, "reason": reason, "error": error}
     if record:
-        store.Store(conf["state_dir"]).record("refused", name, result=False, error=error,
+        _records(conf).record("refused", name, result=False, error=error,
                                               trigger="webhook", details={"reason": reason})
     with salt.utils.event.get_master_event(__opts__, __opts__["sock_dir"], listen=False) as bus:
         bus.fire_event(data, contract.event_tag(name, "webhook", "refused"))

@@ -1,0 +1,34 @@
+"""What release.recover decides from a dead run's journal and the nodes' real state."""
+
+import pytest
+
+import _release_recover as recovery
+
+
+def test_the_newest_deploy_or_rollback_is_recovered_only_when_unfinished():
+    rows = [{"id": 9, "kind": "unlock", "result": 1}, {"id": 8, "kind": "deploy", "result": None},
+            {"id": 7, "kind": "deploy", "result": 1}]
+    assert recovery.dead_run(rows)["id"] == 8
+    with pytest.raises(recovery.NothingToRecover, match="run 7"):
+        recovery.dead_run(rows[2:])
+    with pytest.raises(recovery.NothingToRecover, match="no deploy"):
+        recovery.dead_run([{"id": 1, "kind": "recover", "result": None}])
+
+
+def test_a_run_without_journal_switched_nothing():
+    assert recovery.journal(None) is None
+    assert recovery.journal({"journal": {"targets": {}}}) is None
+    assert recovery.journal({"journal": {"targets": {"w1": "r2"}}}) == {"targets": {"w1": "r2"}}
+
+
+def test_finish_takes_nodes_not_on_target_or_left_drained():
+    targets = {"w1": "r2", "w2": "r2", "w3": "r2"}
+    current = {"w1": "r2", "w2": "r2", "w3": "r1"}
+    assert recovery.to_finish(targets, current, drained=["w2"]) == ["w2", "w3"]
+
+
+def test_rollback_sends_back_only_switched_nodes_that_had_a_release():
+    targets = {"w1": "r2", "w2": "r2", "w3": "r2", "w4": "r2"}
+    previous = {"w1": "r1", "w2": "r1", "w3": None, "w4": "r1"}
+    current = {"w1": "r2", "w2": "r1", "w3": "r2", "w4": None}
+    assert recovery.to_send_back(targets, previous, current) == {"w1": "r1"}
