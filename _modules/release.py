@@ -185,14 +185,10 @@ def _release_names(paths):
 
 def _fire(project, env, phase, release, started, error=None, **extra):
     """Report a phase on the master's event bus (not when running masterless)."""
-    if __opts__.get("file_client") == "local" or __opts__.get("master_type") == "disable":
-        return
-    tag = contract.event_tag(project, env or "manual", __opts__["id"], phase)
     data = contract.phase_event(release, error is None, time.monotonic() - started, error, **extra)
-    try:
-        __salt__["event.send"](tag, data)
-    except Exception as exc:  # pylint: disable=broad-except
-        log.warning("release: could not send event %s: %s", tag, exc)
+    problem = contract.send_phase(__opts__, __salt__, project, env, phase, data)
+    if problem:
+        log.warning("release: %s", problem)
 
 
 def _reported(project, env, phase, release):
@@ -222,7 +218,8 @@ def _event_extra(result):
 def _fetch(source):
     cached = __salt__["cp.cache_file"](source)
     if not cached:
-        raise CommandExecutionError(f"could not fetch {source} from the master")
+        where = "from the master" if str(source).startswith("salt://") else "over HTTP"
+        raise CommandExecutionError(f"could not fetch {source} {where}")
     return cached
 
 
@@ -403,7 +400,9 @@ def install(project, name, source, source_hash, env=None, fence=None,
             return {"result": True, "release": name, "changed": False, "path": target}
         offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
         not_delta = _unpacked_release(paths, name, source, expected, settings, offer)
-        transfer = {"transfer": "full", "delta_refused": not_delta} if not_delta else {"transfer": "delta", "base": base}
+        transfer = (
+            {"transfer": "full", "delta_refused": not_delta} if not_delta else {"transfer": "delta", "base": base}
+        )
         return {"result": True, "release": name, "changed": True, "path": target, **transfer}
 
     return _reported(project, env, "install", name)(work)

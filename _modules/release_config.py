@@ -226,7 +226,7 @@ def _render_one(target, text, context, secret_values):
         detail = f"Jinja syntax error at line {exc.lineno}: {exc.message}"
     except jinja2.UndefinedError as exc:
         detail = f"undefined variable at line {_template_line(exc)}: {exc.message}"
-    except Exception as exc:  # pylint: disable=broad-except
+    except Exception as exc:  # noqa: BLE001
         # Other messages may quote values (int('<secret>')): the type and line only.
         detail = f"{type(exc).__name__} at line {_template_line(exc)}"
     raise CommandExecutionError(f"{target}: {_scrub(detail, secret_values)}") from None
@@ -315,15 +315,11 @@ def _write_index(release_dir, hashes):
 
 def _fire(project, env, release, started, files, error=None, dry_run=False):
     """Report the configure phase on the master bus: file names and sha256 only."""
-    if __opts__.get("file_client") == "local" or __opts__.get("master_type") == "disable":
-        return
-    tag = contract.event_tag(project, env or "manual", __opts__["id"], "configure")
     data = contract.phase_event(release, error is None, time.monotonic() - started, error,
                                 files=files, dry_run=dry_run)
-    try:
-        __salt__["event.send"](tag, data)
-    except Exception as exc:  # pylint: disable=broad-except
-        log.warning("release_config: could not send event %s: %s", tag, exc)
+    problem = contract.send_phase(__opts__, __salt__, project, env, "configure", data)
+    if problem:
+        log.warning("release_config: %s", problem)
 
 
 def _reported(project, env, release, dry_run, work):

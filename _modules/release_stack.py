@@ -402,7 +402,9 @@ def _fpm_reload(stack):
         return [_run("reload", stack["reload"], _command_user(stack, allow_root=True), stack)]
     pid_file = stack.get("pid")
     if not pid_file:
-        raise CommandExecutionError("php-fpm method 'reload' needs 'pid' (the master's pid file) or 'reload' (a command)")
+        raise CommandExecutionError(
+            "php-fpm method 'reload' needs 'pid' (the master's pid file) or 'reload' (a command)"
+        )
     master = _fpm_master(pid_file)
     before = _children(master)
     os.kill(master, signal.SIGUSR2)

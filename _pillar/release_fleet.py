@@ -69,8 +69,7 @@ def _targets(minion_id, environment):
     checker = salt.utils.minions.CkMinions(__opts__)
     try:
         found = checker.check_minions(environment["target"], environment.get("tgt_type", "glob"))
-    except Exception as exc:  # pylint: disable=broad-except
-        # A target this master cannot evaluate must not break every node's pillar.
+    except Exception as exc:  # noqa: BLE001  A target this master cannot evaluate must not break every node's pillar.
         log.warning("release_fleet: cannot evaluate target %r: %s", environment.get("target"), exc)
         return False
     return minion_id in found.get("minions", [])

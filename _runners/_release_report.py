@@ -78,7 +78,7 @@ def timeline(rows):
     start, span = times[0], max((times[-1] - times[0]).total_seconds(), 1.0)
     lanes = {"deploy": 30, "rollback": 70}
     marks = []
-    for row, when in zip(rows, times):
+    for row, when in zip(rows, times, strict=True):
         x = LEFT + (WIDTH - LEFT - 20) * (when - start).total_seconds() / span
         y = lanes.get(row["kind"], 110)
         result = "running" if row["result"] is None else ("ok" if row["result"] else "failed")

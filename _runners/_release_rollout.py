@@ -162,7 +162,9 @@ class Rollout:
             if not outcome.stopped and wave.bake_s:
                 failed_here.extend(self._bake(wave, targets, outcome))
                 if len(failed_here) > wave.budget:
-                    outcome.stopped = f"wave {wave.name}: {len(failed_here)} node(s) failed after baking {wave.bake_s} s"
+                    outcome.stopped = (
+                        f"wave {wave.name}: {len(failed_here)} node(s) failed after baking {wave.bake_s} s"
+                    )
             outcome.failed.extend(failed_here)
             if outcome.stopped:
                 break

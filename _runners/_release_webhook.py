@@ -29,6 +29,7 @@ Nothing here returns or raises a secret, a token or a signature.
 
 import base64
 import binascii
+import contextlib
 import fnmatch
 import hashlib
 import hmac
@@ -238,10 +239,8 @@ def forget_delivery(state_dir, project, keys):
     """Let a delivery come again (it was refused for a reason that may pass: a lock)."""
     folder = os.path.join(state_dir, "webhook-deliveries", project)
     for key in keys:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(folder, hashlib.sha256(key.encode("utf-8")).hexdigest()))
-        except FileNotFoundError:
-            pass
 
 
 def delivery_keys(headers, body):

@@ -32,6 +32,7 @@ Master configuration (see README.md)::
 
 import dataclasses
 import datetime
+import functools
 import getpass
 import json
 import logging
@@ -39,8 +40,6 @@ import os
 import shutil
 import time
 import uuid
-
-import salt.utils.event
 
 import _release_artifact as artifact
 import _release_config as nodeconfig
@@ -54,6 +53,7 @@ import _release_source as source
 import _release_stats as stats_lib
 import _release_store as store
 import _release_webhook as hook
+import salt.utils.event
 
 try:  # installed with pip: salt_release is an ordinary package
     from salt_release.utils import release_contract as contract
@@ -65,6 +65,9 @@ except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
 log = logging.getLogger(__name__)
 
 __virtualname__ = "release"
+# What salt-run offers; the pipeline steps (fetch, build, ...) are module functions too,
+# named after their step, but they take a run and are not commands.
+__all__ = ["deploy", "rollback", "recover", "unlock", "status", "history", "stats", "report", "webhook"]
 
 DEFAULT_BUILD_TIMEOUT_S = 1800
 DEFAULT_INSTALL_TIMEOUT_S = 300
@@ -80,6 +83,19 @@ def __virtual__():
 
 class DeployError(Exception):
     """A step that failed; the run stops and every node keeps the release it had."""
+
+
+def _answers_errors(command):
+    """A command whose DeployError (say, an unreachable store) is a failed return, not a traceback."""
+
+    @functools.wraps(command)
+    def answer(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DeployError as exc:
+            return {"result": False, "error": str(exc), "retcode": 1}
+
+    return answer
 
 
 @dataclasses.dataclass
@@ -165,6 +181,7 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, fo
     return record(run)
 
 
+@_answers_errors
 def unlock(project, env, force=False):
     """
     Break a deploy lock left behind by a run that died. Refused while the
@@ -390,7 +407,9 @@ def record(run):
         ret["failed_step"] = run.failed_step
     run.records.update_run(run.record_id, commit=run.commit, release=run.name)
     if ok and run.sha256:  # highstate's view of the environment (the release_fleet ext_pillar)
-        published.record_fleet_release(run.state_dir, run.project, run.env, run.name, run.source_url, run.sha256, run.jid)
+        published.record_fleet_release(
+            run.state_dir, run.project, run.env, run.name, run.source_url, run.sha256, run.jid
+        )
     run.records.finish_run(
         run.record_id, ok, ret["duration_s"], ret.get("error"),
         dict(run.facts, failed_step=run.failed_step, nodes=run.nodes),
@@ -465,6 +484,7 @@ def switch_all(run):
         raise DeployError(f"emergency rollback failed on {', '.join(failed)}")
 
 
+@_answers_errors
 def status(project, env, **kwargs):
     """
     Per node of the environment: the current release, the previous one, the
@@ -628,7 +648,8 @@ def _roll(run, targets, **activate_kwarg):
     _journal(run, targets)
     outcome = _engine(run, **activate_kwarg).forward(run.waves, targets)
     for minion in targets:
-        node = run.nodes.setdefault(minion, contract.node_result(True, run.previous.get(minion), run.previous.get(minion)))
+        was = run.previous.get(minion)
+        node = run.nodes.setdefault(minion, contract.node_result(True, was, was))
         if node.get("phase") in (None, "install"):
             node.update(result=False, error="not switched: the rollout stopped before its batch")
     if outcome.reverted:
@@ -683,6 +704,7 @@ def _find_staged(run):
 # ---------------------------------------------------------------- history and statistics
 
 
+@_answers_errors
 def history(project, env=None, limit=20, phases=False, **kwargs):
     """
     The latest runs of a project (deploys, rollbacks, unlocks, refused
@@ -702,6 +724,7 @@ def history(project, env=None, limit=20, phases=False, **kwargs):
     return {"result": True, "project": project, "env": env, "runs": runs, "retcode": 0}
 
 
+@_answers_errors
 def stats(project, env=None, days=30, **kwargs):
     """
     Deployment statistics over the last ``days`` days: deploys, failures,
@@ -718,6 +741,7 @@ def stats(project, env=None, days=30, **kwargs):
     return dict(figures, result=True, project=project, env=env, days=days, retcode=0)
 
 
+@_answers_errors
 def report(project, out, env=None, days=30, **kwargs):
     """
     Write one self-contained HTML page (inline SVG, no script, no external
@@ -808,7 +832,7 @@ def _plan_only(project, env, ref, author):
         ],
         "nodes": {m: {"current": run.previous.get(m), "new": run.name} for m in run.minions},
         "load_balancer": (
-            f"{lb['kind'] if 'kind' in lb else 'nginx'} on {lb['minion']}: each batch drained in "
+            f"{lb.get('kind', 'nginx')} on {lb['minion']}: each batch drained in "
             f"{lb['upstream_file']} before its switch and put back after its health check"
         ) if lb else None,
         "retcode": 0,

@@ -133,6 +133,23 @@ def phase_event(release, result, duration_s, error=None, **extra):
     return data
 
 
+def send_phase(opts, salt_functions, project, env, phase, data):
+    """
+    Fire a node phase on the master's bus with the minion's ``event.send``
+    (``salt_functions`` is the module's ``__salt__``); nothing when the minion
+    runs masterless. Returns a problem text instead of raising: a lost event
+    must never fail the phase it reports.
+    """
+    if opts.get("file_client") == "local" or opts.get("master_type") == "disable":
+        return None
+    tag = event_tag(project, env or "manual", opts["id"], phase)
+    try:
+        salt_functions["event.send"](tag, data)
+    except Exception as exc:  # noqa: BLE001  (any transport error: see the docstring)
+        return f"could not send event {tag}: {exc}"
+    return None
+
+
 def node_result(result, release=None, previous=None, error=None, **extra):
     """One node's entry in a runner return: ``{result, release, previous, error}``."""
     entry = {"result": bool(result), "release": release, "previous": previous, "error": error}

@@ -21,7 +21,7 @@ import uuid
 import pytest
 import salt.utils.event
 
-from tests.conftest import REPO_ROOT, runner_return, project_config, start_cluster
+from tests.conftest import REPO_ROOT, project_config, runner_return, start_cluster
 
 MINIONS = ("m3-web1", "m3-web2", "m3-web3")
 GPG_UID = "salt-release test <test@example.invalid>"

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from tests.conftest import PILLAR_RELEASE, PILLAR_TOP, APP_USER, REPO_ROOT, project_config, runner_return
+from tests.conftest import APP_USER, PILLAR_RELEASE, PILLAR_TOP, REPO_ROOT, project_config, runner_return
 
 MASTER = "pip"
 MINION = "pip-web1"

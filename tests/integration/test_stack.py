@@ -19,7 +19,15 @@ from pytestshellutils.utils.ports import get_unused_localhost_port
 
 from tests.conftest import AppRepo, git, start_cluster
 from tests.integration.stack_services import (
-    Fpm, Nginx, TomcatBase, app_ids, as_app_user, children, get, proc_uids, wait_port,
+    Fpm,
+    Nginx,
+    TomcatBase,
+    app_ids,
+    as_app_user,
+    children,
+    get,
+    proc_uids,
+    wait_port,
 )
 
 MINION = "m5-web1"

@@ -15,8 +15,8 @@ import threading
 
 import pytest
 
-from tests.integration import artifacts
 from tests.conftest import REPO_ROOT
+from tests.integration import artifacts
 
 PROJECT = "stale"
 SWITCHES = 1000

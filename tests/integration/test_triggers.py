@@ -15,12 +15,12 @@ import time
 import urllib.error
 import urllib.request
 
+import _release_lock as locking
+import _release_webhook as hook
 import pytest
 import salt.utils.event
 from pytestshellutils.utils.ports import get_unused_localhost_port
 
-import _release_lock as locking
-import _release_webhook as hook
 from tests.conftest import REPO_ROOT, start_cluster
 
 SECRET = "m7-webhook-secret-do-not-leak"

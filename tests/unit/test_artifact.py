@@ -5,9 +5,8 @@ import json
 import os
 import tarfile
 
-import pytest
-
 import _release_artifact as artifact
+import pytest
 import release_contract as contract
 
 

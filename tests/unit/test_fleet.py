@@ -1,8 +1,7 @@
 """Batch sizes follow Salt's batch semantics."""
 
-import pytest
-
 import _release_fleet as fleet
+import pytest
 
 
 @pytest.mark.parametrize(

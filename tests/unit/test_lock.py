@@ -1,8 +1,7 @@
 """The project+env lock: atomic, says who holds it, released only by its owner."""
 
-import pytest
-
 import _release_lock as locking
+import pytest
 
 
 @pytest.fixture

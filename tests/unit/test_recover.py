@@ -1,8 +1,7 @@
 """What release.recover decides from a dead run's journal and the nodes' real state."""
 
-import pytest
-
 import _release_recover as recovery
+import pytest
 
 
 def test_the_newest_deploy_or_rollback_is_recovered_only_when_unfinished():

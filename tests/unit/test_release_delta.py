@@ -9,12 +9,12 @@ import os
 import random
 import tarfile
 
-import pytest
-
 import _release_artifact as artifact
 import _release_retain as retain
+import pytest
 import release_contract as contract
 import release_delta as delta
+
 from tests.snapshots import snapshot
 
 BASE = "app_test_v1_master_2026-01-01_000000_dev"

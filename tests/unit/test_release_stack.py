@@ -5,9 +5,8 @@ import pwd
 import struct
 
 import pytest
-from salt.exceptions import CommandExecutionError
-
 import release_stack as stack_mod
+from salt.exceptions import CommandExecutionError
 
 
 @pytest.fixture

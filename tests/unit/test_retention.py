@@ -1,9 +1,8 @@
 """Pure rules: rollback targets, what prune may remove, node status, and the statistics."""
 
-import pytest
-
 import _release_retain as retain
 import _release_stats as stats
+import pytest
 import release_retention as retention
 
 R = [f"app_pro_v1.{i}.0_master_2026-11-2{i}_100000_ops" for i in range(1, 6)]

@@ -1,8 +1,7 @@
 """Ref validation: user text never becomes a git option or a path trick."""
 
-import pytest
-
 import _release_source as source
+import pytest
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,8 @@
 import base64
 import json
 
-import pytest
-
 import _release_webhook as hook
+import pytest
 
 GITHUB_SECRET = "It's a Secret to Everybody"
 CONFIG = {
