@@ -1,7 +1,7 @@
 # The two commands of the README; both install what they need first.
 PYTHON := .venv/bin/python
 
-.PHONY: install demo test
+.PHONY: install demo test bench
 
 install:
 	.ci/install
@@ -11,3 +11,8 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -p no:logging -q
+
+# Benchmarks against plain Salt (not tests): make bench ARGS="--nodes 30"
+bench: install
+	.venv/bin/pip install --quiet -r bench/requirements.txt
+	$(PYTHON) bench/run $(ARGS)
