@@ -180,6 +180,30 @@ class Rollout:
         self.say(f"switching {len(targets)} node(s) at once, no drain")
         return self._switch(sorted(targets), targets)
 
+    def rollback_all(self, minions):
+        """
+        The emergency path in one round trip: every node goes back to its own
+        rollback target (``release.rollback``, the choice ``salt-call --local``
+        makes too). Returns (switched, failed, landed) where landed maps a
+        switched node to (release, previous).
+        """
+        self.say(f"switching {len(minions)} node(s) at once, no drain")
+        outcomes = fleet.run_on(
+            self.opts, minions, "release.rollback", arg=[self.project],
+            kwarg=dict(self.activate_kwarg, env=self.env, fence=self.fence), timeout_s=self.timeout_s,
+        )
+        switched, failed, landed = [], [], {}
+        for minion, (ok, value) in sorted(outcomes.items()):
+            if ok:
+                switched.append(minion)
+                landed[minion] = (value["release"], value.get("previous"))
+                self.report(minion, "activate", True, value.get("duration_s"), None, value["release"],
+                            previous=value.get("previous"))
+            else:
+                failed.append(minion)
+                self.report(minion, "activate", False, None, value, None)
+        return switched, failed, landed
+
     def back(self, minions, outcome):
         """Send switched nodes back to the release each had, newest switch first."""
         if not minions:

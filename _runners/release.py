@@ -444,7 +444,13 @@ def rollback(project, env, to=None, emergency=False, author=None, wait=0, trigge
     run.to = to
     try:
         with _locked(run, "rollback", wait):
-            for step in (plan, choose, switch_all if emergency else switch_back):
+            if not emergency:
+                steps = (plan, choose, switch_back)
+            elif to:
+                steps = (locate, choose, switch_all)
+            else:  # the fastest path: one round trip, each node picks its own target
+                steps = (locate, switch_all)
+            for step in steps:
                 _step(run, step)
     except DeployError as exc:
         run.error = run.error or str(exc)
@@ -472,11 +478,33 @@ def switch_back(run):
     _mark_left_bad(run, switched)
 
 
+def locate(run):
+    """The environment's nodes, from the master's own view: no round trip to them."""
+    try:
+        run.waves = rollout.plan_waves(__opts__, run.environment)
+    except (fleet.FleetError, KeyError, ValueError) as exc:
+        raise DeployError(f"bad waves for {run.project}/{run.env}: {exc}")
+
+
 def switch_all(run):
-    """The emergency rollback: one switch call to every node, no drain; its duration is recorded."""
+    """
+    The emergency rollback: one switch call to every node, no drain; its
+    duration is recorded. Without chosen targets each node goes back to its
+    own rollback target in that same call.
+    """
     engine = _engine(run, rollback=True, force=bool(run.to))
     started = time.monotonic()
-    switched, failed = engine.switch_all(run.targets)
+    if run.targets:
+        switched, failed = engine.switch_all(run.targets)
+    else:
+        switched, failed, landed = engine.rollback_all(run.minions)
+        run.targets = {m: release for m, (release, _) in landed.items()}
+        run.previous = {m: previous for m, (_, previous) in landed.items()}
+        for minion, previous in run.previous.items():
+            run.nodes[minion]["previous"] = previous
+        if len(set(run.targets.values())) == 1:  # one release everywhere: highstate's fleet release
+            run.name = next(iter(run.targets.values()))
+            _find_staged(run)
     run.facts.update(emergency=True, switch_s=round(time.monotonic() - started, 3))
     _say(run, f"switched {len(switched)} node(s) in {run.facts['switch_s']} s")
     _mark_left_bad(run, switched)
