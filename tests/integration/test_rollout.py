@@ -228,14 +228,32 @@ def deploy(cluster, project, env, ref, *extra):
 # ---------------------------------------------------------------- load
 
 
-class Load:
+class Background:
+    """A loop in a daemon thread for the length of a ``with`` block; ``_run`` checks ``self.stop``."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+
+
+class Load(Background):
     """A client opening a new connection per request through nginx, bounded in count and time."""
 
     def __init__(self, port, max_requests=20000, max_s=240):
+        super().__init__()
         self.port, self.max_requests, self.max_s = port, max_requests, max_s
         self.results = []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         deadline = time.monotonic() + self.max_s
@@ -252,22 +270,13 @@ class Load:
                 conn.close()
             time.sleep(0.005)
 
-    def __enter__(self):
-        self.thread.start()
-        return self
 
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(10)
-
-
-class UpstreamWatcher:
+class UpstreamWatcher(Background):
     """Reads the nginx upstream file every few ms and remembers each backend seen down."""
 
     def __init__(self, path):
+        super().__init__()
         self.path, self.seen_down = path, set()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self.stop.is_set():
@@ -276,14 +285,6 @@ class UpstreamWatcher:
                     if line.rstrip().endswith("down;"):
                         self.seen_down.add(line.split()[1])
             time.sleep(0.002)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(5)
 
 
 # ---------------------------------------------------------------- tests
