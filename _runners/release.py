@@ -139,6 +139,11 @@ class Run:
     facts: dict = dataclasses.field(default_factory=dict)  # kind-specific extras for the return and the record
 
     @property
+    def builds(self):
+        """Where the exported tree and the tarball live until the tarball is staged."""
+        return os.path.join(self.state_dir, "builds")
+
+    @property
     def minions(self):
         return [minion for wave in self.waves for minion in wave.minions]
 
@@ -248,7 +253,7 @@ def screen(run):
 
 def build(run):
     """Export the commit's tree (no .git) and run the project's build commands in it."""
-    run.tree = os.path.join(run.state_dir, "builds", uuid.uuid4().hex)
+    run.tree = os.path.join(run.builds, uuid.uuid4().hex)
     try:
         source.export(source.mirror(run.state_dir, run.project), run.commit, run.tree)
     except source.SourceError as exc:
@@ -269,7 +274,7 @@ def package(run):
         "commit": run.commit, "version": run.version, "branch": run.branch,
         "author": run.author, "built_at": built_at.isoformat(timespec="seconds"),
     }
-    run.tarball = os.path.join(run.state_dir, "builds", f"{run.name}.tar.gz")
+    run.tarball = os.path.join(run.builds, f"{run.name}.tar.gz")
     run.sha256, run.manifest = artifact.package(run.tree, doc, run.tarball)
     run.records.update_run(run.record_id, commit=run.commit, release=run.name)
     _say(run, f"packaged {run.name} ({run.manifest['file_count']} files, sha256 {run.sha256[:12]})")
@@ -1060,10 +1065,10 @@ def _note_outcomes(run, phase, outcomes):
 
 
 def _cleanup(run):
-    for path in (run.tree,):
-        if path and os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-    if run.tarball and os.path.dirname(run.tarball).endswith("builds") and os.path.exists(run.tarball):
+    """Remove the build tree, and the tarball when the run stopped before staging it."""
+    if run.tree and os.path.isdir(run.tree):
+        shutil.rmtree(run.tree, ignore_errors=True)
+    if run.tarball and os.path.dirname(run.tarball) == run.builds and os.path.exists(run.tarball):
         os.unlink(run.tarball)
 
 
