@@ -26,14 +26,9 @@ import time
 
 from salt.exceptions import CommandExecutionError
 
-try:  # installed with pip: salt_release is an ordinary package
-    from salt_release.utils import release_contract as contract
-    from salt_release.utils import release_delta as delta
-    from salt_release.utils import release_retention as retention
-except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
-    import release_contract as contract
-    import release_delta as delta
-    import release_retention as retention
+import release_contract as contract
+import release_delta as delta
+import release_retention as retention
 
 log = logging.getLogger(__name__)
 

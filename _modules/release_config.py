@@ -40,12 +40,8 @@ import jinja2  # a dependency of Salt itself
 import jinja2.sandbox
 from salt.exceptions import CommandExecutionError
 
-try:  # installed with pip: salt_release is an ordinary package
-    from salt_release.utils import release_contract as contract
-    from salt_release.utils import release_delta as delta
-except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
-    import release_contract as contract
-    import release_delta as delta
+import release_contract as contract
+import release_delta as delta
 
 log = logging.getLogger(__name__)
 

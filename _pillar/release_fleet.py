@@ -29,10 +29,7 @@ import logging
 
 import salt.utils.minions
 
-try:  # installed with pip: salt_release is an ordinary package
-    from salt_release.utils import release_published as published
-except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
-    import release_published as published
+import release_published as published
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,8 @@ import subprocess
 import tarfile
 import time
 
-try:  # installed with pip: salt_release is an ordinary package
-    from salt_release.utils import release_contract as contract
-    from salt_release.utils import release_delta as delta
-except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
-    import release_contract as contract
-    import release_delta as delta
+import release_contract as contract
+import release_delta as delta
 
 OUTPUT_TAIL_LINES = 20
 

@@ -10,12 +10,8 @@ and ``salt-call --local release.rollback`` agree on the target.
 import collections
 import os
 
-try:  # installed with pip: salt_release is an ordinary package
-    from salt_release.utils import release_contract as contract
-    from salt_release.utils import release_delta as delta
-except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
-    import release_contract as contract
-    import release_delta as delta
+import release_contract as contract
+import release_delta as delta
 
 TARBALL_SUFFIX = ".tar.gz"
 

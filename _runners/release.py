@@ -55,12 +55,8 @@ import _release_store as store
 import _release_webhook as hook
 import salt.utils.event
 
-try:  # installed with pip: salt_release is an ordinary package
-    from salt_release.utils import release_contract as contract
-    from salt_release.utils import release_published as published
-except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
-    import release_contract as contract
-    import release_published as published
+import release_contract as contract
+import release_published as published
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,7 @@ import posixpath
 
 from salt.exceptions import CommandExecutionError
 
-try:  # installed with pip: salt_release is an ordinary package
-    from salt_release.utils import release_published as published
-except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
-    import release_published as published
+import release_published as published
 
 __virtualname__ = "release"
 

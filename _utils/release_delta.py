@@ -25,10 +25,7 @@ import shutil
 import stat
 import tarfile
 
-try:  # installed with pip: salt_release is an ordinary package
-    from salt_release.utils import release_contract as contract
-except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
-    import release_contract as contract
+import release_contract as contract
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,7 @@ hold the same with the master down. Standard library only: synced to minions
 as ``_utils`` or installed with pip as ``salt_release.utils.release_retention``.
 """
 
-try:  # installed with pip: salt_release is an ordinary package
-    from salt_release.utils import release_contract as contract
-except ImportError:  # synced: Salt puts extmods/utils on sys.path while loading
-    import release_contract as contract
+import release_contract as contract
 
 HISTORY_LENGTH = 50  # switches remembered per project on a node
 
