@@ -41,6 +41,8 @@ import shutil
 import time
 import uuid
 
+import salt.utils.event
+
 import _release_artifact as artifact
 import _release_config as nodeconfig
 import _release_fleet as fleet
@@ -53,8 +55,6 @@ import _release_source as source
 import _release_stats as stats_lib
 import _release_store as store
 import _release_webhook as hook
-import salt.utils.event
-
 import release_contract as contract
 import release_published as published
 
