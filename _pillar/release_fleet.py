@@ -30,6 +30,7 @@ import logging
 import salt.utils.minions
 
 import release_published as published
+import release_settings as settings
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,20 @@ def __virtual__():
 
 
 def ext_pillar(minion_id, pillar, *args, **kwargs):
-    conf = __opts__.get("release") or {}
-    state_dir = conf.get("state_dir")
-    if not state_dir:
-        return {}
+    conf = settings.master(__opts__)
+    for project, error in conf["errors"].items():
+        log.warning("release_fleet: project %s left out: %s", project, error)
     fleet = {}
-    for project, config in sorted((conf.get("projects") or {}).items()):
-        record = _latest_matching(minion_id, config, published.fleet_releases(state_dir, project))
+    for project, config in conf["projects"].items():
+        records = published.published_releases(conf["state_dir"], project)
+        record = _latest_matching(minion_id, config, records)
         if record:
             fleet[project] = {k: record.get(k) for k in ("env", "release", "source", "source_hash")}
     return {"release_fleet": fleet} if fleet else {}
 
 
 def _latest_matching(minion_id, config, records):
-    environments = (config or {}).get("environments") or {}
+    environments = config["environments"]
     matching = [
         record for env, record in records.items()
         if env in environments and _targets(minion_id, environments[env])
@@ -63,10 +64,14 @@ def _latest_matching(minion_id, config, records):
 
 
 def _targets(minion_id, environment):
+    """Whether any of the environment's waves names the minion."""
     checker = salt.utils.minions.CkMinions(__opts__)
-    try:
-        found = checker.check_minions(environment["target"], environment.get("tgt_type", "glob"))
-    except Exception as exc:  # noqa: BLE001  A target this master cannot evaluate must not break every node's pillar.
-        log.warning("release_fleet: cannot evaluate target %r: %s", environment.get("target"), exc)
-        return False
-    return minion_id in found.get("minions", [])
+    for wave in environment["waves"]:
+        try:
+            found = checker.check_minions(wave["target"], wave["tgt_type"])
+        except Exception as exc:  # noqa: BLE001  A target this master cannot evaluate must not break every node's pillar.
+            log.warning("release_fleet: cannot evaluate target %r: %s", wave["target"], exc)
+            continue
+        if minion_id in found.get("minions", []):
+            return True
+    return False

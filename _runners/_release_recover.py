@@ -1,13 +1,27 @@
 """
-Master side: what ``release.recover`` decides, from the journal a dead run
-left in the store and the nodes' real state. Pure functions; the runner
-does the talking to nodes and the load balancer.
+The recover pipeline (``release.recover``), after a runner or its master died
+mid-rollout: find the dead run and its journal, take over its lock, then
+
+    survey -> finish | send_back -> settle
+
+and ``_release_run.conclude``; the dead run is closed "recovered by" this
+one. The decisions (``dead_run`` .. ``to_send_back``) are pure functions over
+the journal the dead run left in the store and the nodes' real state.
 
 The journal is the ``journal`` entry of a run's details, written before its
 first switch: ``{"targets": {minion: release}, "previous": {minion: release}}``.
 The phases table then says, node by node, how far the run got; the nodes'
 ``current`` link says where it really left them.
 """
+
+import json
+import time
+
+import _release_deploy as deploy_steps
+import _release_fleet as fleet
+import _release_run as runs
+import _release_switch as switch
+import release_contract as contract
 
 RECOVERABLE = ("deploy", "rollback")
 MODES = ("finish", "rollback")
@@ -44,3 +58,105 @@ def to_send_back(targets, previous, current):
         m: previous[m] for m in sorted(targets)
         if previous.get(m) and current.get(m) == targets[m] and previous[m] != targets[m]
     }
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def recover(run, mode):
+    """Recover the environment's dead run in ``mode``; a failed recovery leaves it open for another try."""
+    if not run.error and mode not in MODES:
+        run.error, run.failed_step = f"mode must be one of {', '.join(MODES)}, not {mode!r}", "configure"
+    dead = None
+    try:
+        dead = _dead_run(run)
+        with runs.Locked(run, f"recover ({mode}) of run {dead['id']}", 0, take_over=True):
+            if not run.targets:
+                _close_dead(run, dead, mode)
+                raise NothingToRecover(f"run {dead['id']} died before its first switch: no node to recover")
+            runs.run_steps(run, (survey, finish if mode == "finish" else send_back, settle))
+    except NothingToRecover as exc:
+        return _nothing_to_recover(run, str(exc))
+    except runs.DeployError as exc:
+        run.error = run.error or str(exc)
+    run.facts.update(recovered_run=dead and dead["id"], mode=mode)
+    ret = runs.conclude(run)
+    if ret["result"]:
+        _close_dead(run, dead, mode)
+    return ret
+
+
+def _close_dead(run, dead, mode):
+    run.records.finish_run(dead["id"], False, None, (dead["error"] or "the run died mid-rollout")
+                           + f"; recovered by run {run.record_id} ({mode}, {run.author})")
+
+
+def _dead_run(run):
+    """The run to recover and its journal (``run.targets``, ``run.previous``)."""
+    if run.error:
+        raise runs.DeployError(run.error)
+    dead = dead_run(run.records.runs(run.project, run.env, limit=50, kinds=RECOVERABLE))
+    found = journal(json.loads(dead["details"]) if dead["details"] else None)
+    run.facts["recovered_run"] = dead["id"]
+    if found:
+        run.targets, run.previous = found["targets"], found["previous"]
+        run.name, run.source_url, run.sha256 = dead["release"], found["source_url"], found["sha256"]
+    runs.say(run, f"recovering run {dead['id']} ({dead['kind']} {dead['release'] or dead['ref']} "
+                  f"by {dead['who']}, jid {dead['jid']})")
+    return dead
+
+
+def survey(run):
+    """Where the dead run left each node: its current release, and whether the load balancer has it down."""
+    run.waves = switch.waves(run)
+    switch.keep_in_waves(run, run.targets)
+    run.hosts = deploy_steps.hosts(run)
+    listed = fleet.run_on(run.opts, run.minions, "release.list", arg=[run.project],
+                          timeout_s=run.config["timeout_s"])
+    run.facts["found"] = {m: value.get("current") if ok else None for m, (ok, value) in listed.items()}
+    try:
+        run.facts["drained"] = switch.engine(run).drained(run.minions)
+    except fleet.FleetError as exc:
+        raise runs.DeployError(str(exc))
+    runs.say(run, f"found {run.facts['found']}; drained: {', '.join(run.facts['drained']) or 'none'}")
+
+
+def finish(run):
+    """Take every node the dead run left behind to its target, through the rollout."""
+    todo = to_finish(run.targets, run.facts.get("found") or {}, run.facts.get("drained", []))
+    for minion in set(run.targets) - set(todo):
+        run.nodes[minion] = contract.node_result(True, run.targets[minion], run.previous.get(minion))
+    if todo:
+        switch.keep_in_waves(run, todo)
+        switch.roll(run, {m: run.targets[m] for m in todo})
+
+
+def send_back(run):
+    """Send the nodes the dead run switched back to their previous release; mark its release bad."""
+    found = run.facts.get("found") or {}
+    back = to_send_back(run.targets, run.previous, found)
+    for minion in set(run.targets) - set(back):
+        run.nodes[minion] = contract.node_result(True, found.get(minion), found.get(minion))
+    run.targets, run.previous = back, {m: found.get(m) for m in run.targets}
+    if back:
+        switch.keep_in_waves(run, back)
+        switched = switch.roll(run, back, rollback=True, force=True)
+        run.records.mark_bad(run.project, run.env, sorted({found[m] for m in switched}), run.record_id)
+    run.name = None if len(set(back.values())) != 1 else next(iter(back.values()))
+
+
+def settle(run):
+    """Nodes still drained go back into the load balancer when they serve their release."""
+    if not run.environment.get("lb") or not run.nodes:
+        return
+    engine = switch.engine(run)
+    drained = engine.drained(sorted(run.nodes))
+    if drained:
+        releases = {m: run.nodes[m]["release"] for m in drained}
+        run.facts["put_back"] = engine.settle(drained, releases)
+
+
+def _nothing_to_recover(run, comment):
+    duration_s = round(time.monotonic() - run.started, 3)
+    run.records.finish_run(run.record_id, True, duration_s, None, {"comment": comment})
+    return {"result": True, "project": run.project, "env": run.env, "comment": comment, "retcode": 0}

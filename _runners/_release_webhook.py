@@ -2,7 +2,8 @@
 Master side: decide what a git webhook asks for, trusting nothing in it.
 
 Pure functions over the request salt-api put on the bus (raw body and
-headers) and the project's master configuration::
+headers) and the project's master configuration, and at the end ``handle``,
+the body of ``salt-run release.webhook`` that acts on their verdict::
 
     release:
       projects:
@@ -38,6 +39,9 @@ import os
 import re
 import time
 import urllib.parse
+
+import _release_run as runs
+import release_contract as contract
 
 DEFAULT_MAX_BODY_BYTES = 512 * 1024
 TIMESTAMP_TOLERANCE_S = 300
@@ -273,3 +277,44 @@ def read_push(project, body, headers, projects, gitlab_token_sha256=None):
         "author": pusher(sender, payload) or sender, "envs": envs,
         "delivery": delivery_id(headers), "keys": delivery_keys(headers, body),
     }
+
+
+# ---------------------------------------------------------------- the command
+
+
+def handle(opts, project, body, headers, gitlab_token_sha256, deploy):
+    """
+    ``salt-run release.webhook``: verify the push, claim its delivery, then
+    ``deploy(project, env, ref, author=..., trigger="webhook")`` for each
+    environment it maps to. Refusals are fired and recorded.
+    """
+    conf = runs.master_settings(opts)
+    raw = body.encode("utf-8") if isinstance(body, str) else bytes(body or b"")
+    try:
+        push = read_push(project, raw, headers or {}, conf["projects"], gitlab_token_sha256)
+        if not claim_delivery(conf["state_dir"], project, push["keys"]):
+            raise Ignored(f"delivery {push['delivery'] or '(no id)'} was handled before")
+    except Refused as exc:
+        return refuse(opts, conf, project, exc.reason, str(exc))
+    except Ignored as exc:
+        return {"result": True, "project": project, "deploys": {}, "comment": str(exc), "retcode": 0}
+    deploys = {env: deploy(project, env, push["ref"], author=push["author"], trigger="webhook")
+               for env in push["envs"]}
+    if any(ret.get("failed_step") == "lock" for ret in deploys.values()):
+        forget_delivery(conf["state_dir"], project, push["keys"])  # a redelivery may deploy
+        refuse(opts, conf, project, "locked", "; ".join(r["error"] for r in deploys.values() if r.get("error")),
+               record=False)  # deploy() already wrote the history row
+    ok = all(ret["result"] for ret in deploys.values())
+    return {"result": ok, "project": project, "ref": push["ref"], "author": push["author"],
+            "delivery": push["delivery"], "deploys": deploys, "retcode": 0 if ok else 1}
+
+
+def refuse(opts, conf, project, reason, error, record=True):
+    """Say no on the bus and in the history; never with the request's headers or secret."""
+    name = contract.sanitize_field(project)
+    data = {"project": name, "reason": reason, "error": error}
+    if record:
+        runs.records(conf).record("refused", name, result=False, error=error,
+                                  trigger="webhook", details={"reason": reason})
+    runs.fire_event(opts, contract.event_tag(name, "webhook", "refused"), data)
+    return dict(data, result=False, refused=True, retcode=1)

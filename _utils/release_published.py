@@ -1,9 +1,9 @@
 """
 What the master publishes for highstate: each staged artifact's sha256 in a
-file beside it, and each environment's fleet release (the release its last
-good deploy put on every node).
+file beside it, and each environment's published release (the release its
+last good deploy put on every node; highstate's "fleet release").
 
-The runner writes both; the ``release_fleet`` ext_pillar reads the fleet
+The runner writes both; the ``release_fleet`` ext_pillar reads the published
 records and the ``release.deployed`` state reads the checksum files through
 the master's fileserver. Standard library only (synced as ``_utils`` or
 installed as ``salt_release.utils.release_published``).
@@ -38,7 +38,7 @@ def _fleet_dir(state_dir):
     return os.path.join(state_dir, "fleet")
 
 
-def record_fleet_release(state_dir, project, env, release, source, sha256, jid=None):
+def record_published_release(state_dir, project, env, release, source, sha256, jid=None):
     """After a good deploy: ``env`` of ``project`` now runs ``release`` everywhere."""
     doc = {
         "project": project, "env": env, "release": release, "source": source,
@@ -49,7 +49,7 @@ def record_fleet_release(state_dir, project, env, release, source, sha256, jid=N
     _write_atomically(path, json.dumps(doc, indent=1, sort_keys=True))
 
 
-def fleet_releases(state_dir, project):
+def published_releases(state_dir, project):
     """``{env: record}`` for every environment of ``project`` with a good deploy."""
     folder = os.path.join(_fleet_dir(state_dir), project)
     try:
@@ -62,7 +62,7 @@ def fleet_releases(state_dir, project):
             with open(os.path.join(folder, filename), encoding="utf-8") as handle:
                 doc = json.load(handle)
         except (OSError, ValueError):
-            continue  # a torn or foreign file is no fleet release
+            continue  # a torn or foreign file is no published release
         found[filename[: -len(".json")]] = doc
     return found
 

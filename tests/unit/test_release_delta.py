@@ -9,12 +9,12 @@ import os
 import random
 import tarfile
 
-import _release_artifact as artifact
-import _release_retain as retain
 import pytest
+
+import _release_artifact as artifact
+import _release_prune as prune
 import release_contract as contract
 import release_delta as delta
-
 from tests.snapshots import snapshot
 
 BASE = "app_test_v1_master_2026-01-01_000000_dev"
@@ -201,6 +201,6 @@ def test_pruning_a_release_takes_its_side_files_and_spares_the_deltas_of_kept_on
     artifact.stage_delta(base_tar, str(tmp_path / f"tree-{BASE}"), BASE, {}, roots)
     artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": BASE}, roots)
     folder = str(tmp_path / "art")
-    assert retain.prune_artifacts(str(tmp_path), "art", "test", {NEW}) == [BASE]
+    assert prune.prune_artifacts(str(tmp_path), "art", "test", {NEW}) == [BASE]
     assert sorted(os.listdir(folder)) == sorted(
         [f"{NEW}.tar.gz", f"{NEW}{delta.DELTA_SUFFIX}", f"{NEW}{delta.FILES_SUFFIX}"])

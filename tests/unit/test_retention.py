@@ -1,8 +1,9 @@
 """Pure rules: rollback targets, what prune may remove, node status, and the statistics."""
 
-import _release_retain as retain
-import _release_stats as stats
 import pytest
+
+import _release_node_state as node_state
+import _release_stats as stats
 import release_retention as retention
 
 R = [f"app_pro_v1.{i}.0_master_2026-11-2{i}_100000_ops" for i in range(1, 6)]
@@ -38,17 +39,17 @@ def listed(releases, current, target, bad=()):
 
 def test_rollback_targets_refuse_the_whole_fleet():
     fleet = {"a": listed(R[:2], R[1], R[0]), "b": listed(R[1:2], R[1], None)}
-    with pytest.raises(retain.RetentionError, match="nothing to roll back to on b"):
-        retain.rollback_targets(fleet)
-    with pytest.raises(retain.RetentionError, match=f"release {R[0]} is not on b"):
-        retain.rollback_targets(fleet, R[0])
-    with pytest.raises(retain.RetentionError, match="no node was touched: c: no answer"):
-        retain.rollback_targets(dict(fleet, c=(False, "no answer")))
-    assert retain.rollback_targets(fleet, R[1]) == {"a": R[1], "b": R[1]}
+    with pytest.raises(node_state.RollbackRefused, match="nothing to roll back to on b"):
+        node_state.rollback_targets(fleet)
+    with pytest.raises(node_state.RollbackRefused, match=f"release {R[0]} is not on b"):
+        node_state.rollback_targets(fleet, R[0])
+    with pytest.raises(node_state.RollbackRefused, match="no node was touched: c: no answer"):
+        node_state.rollback_targets(dict(fleet, c=(False, "no answer")))
+    assert node_state.rollback_targets(fleet, R[1]) == {"a": R[1], "b": R[1]}
 
 
 def test_status_flags_the_odd_node_out():
-    found = retain.status({"a": listed(R[:3], R[2], R[1]), "b": listed(R[:3], R[2], R[1]),
+    found = node_state.status({"a": listed(R[:3], R[2], R[1]), "b": listed(R[:3], R[2], R[1]),
                            "c": listed(R[:3], R[1], R[0]), "d": (False, "no answer")})
     assert found["out_of_step"] == ["c", "d"] and found["releases"] == {R[2]: 2, R[1]: 1}
     assert found["nodes"]["a"]["kept"] == R[:2]

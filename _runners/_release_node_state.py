@@ -1,22 +1,17 @@
 """
-Master side: what a rollback sends each node to, how an environment's nodes
-stand (``release.status``), and which staged artifacts the master may drop.
-
-Everything here works on the nodes' own answers to ``release.list`` (their
-releases, current, previous, bad marks and rollback target), so the master
-and ``salt-call --local release.rollback`` agree on the target.
+The environment as its nodes see it, from their own answers to
+``release.list`` (releases, current, previous, bad marks, rollback target):
+what a rollback sends each node to, what it leaves behind, and how the
+nodes stand (``release.status``). The master and ``salt-call --local
+release.rollback`` agree on the target because both read the node's view.
+(Which staged artifacts the master drops is ``_release_prune``; which
+releases a node keeps is the node's ``release_retention``.)
 """
 
 import collections
-import os
-
-import release_contract as contract
-import release_delta as delta
-
-TARBALL_SUFFIX = ".tar.gz"
 
 
-class RetentionError(Exception):
+class RollbackRefused(Exception):
     """A rollback that cannot go ahead on every node; no node has been touched."""
 
 
@@ -29,17 +24,17 @@ def rollback_targets(listed, to=None):
     """
     silent = sorted(m for m, (ok, _) in listed.items() if not ok)
     if silent:
-        raise RetentionError(
+        raise RollbackRefused(
             "no node was touched: " + "; ".join(f"{m}: {listed[m][1]}" for m in silent)
         )
     if to:
         lacking = sorted(m for m, (_, node) in listed.items() if to not in node["releases"])
         if lacking:
-            raise RetentionError(f"release {to} is not on {', '.join(lacking)}: no node was touched")
+            raise RollbackRefused(f"release {to} is not on {', '.join(lacking)}: no node was touched")
         return {m: to for m in listed}
     stuck = sorted(m for m, (_, node) in listed.items() if not node["rollback_target"])
     if stuck:
-        raise RetentionError(
+        raise RollbackRefused(
             f"nothing to roll back to on {', '.join(stuck)} (no older release that is not marked bad): "
             "no node was touched"
         )
@@ -77,34 +72,3 @@ def status(listed):
         "releases": dict(spread),
         "out_of_step": sorted(m for m, node in nodes.items() if node["out_of_step"]),
     }
-
-
-def prune_artifacts(artifact_root, project, env, still_used):
-    """
-    Remove the staged tarballs (and checksum files) of ``env``'s releases of
-    ``project`` that no node has any more; other environments' artifacts and
-    files that are not release tarballs stay. Returns the release names removed.
-    """
-    folder = os.path.join(artifact_root, project)
-    removed = []
-    for name in _staged_releases(folder):
-        fields = contract.parse_release_name(name)
-        if fields["env"] != contract.sanitize_field(env) or name in still_used:
-            continue
-        tarball = os.path.join(folder, name + TARBALL_SUFFIX)
-        for path in [tarball + ".sha256", tarball] + delta.side_files(folder, name):
-            if os.path.exists(path):
-                os.unlink(path)
-        removed.append(name)
-    return removed
-
-
-def _staged_releases(folder):
-    try:
-        entries = sorted(os.listdir(folder))
-    except FileNotFoundError:
-        return []
-    # A delta's name ends in .tar.gz too, and "<release>.delta" parses as a release (dots are allowed).
-    tarballs = [e for e in entries if e.endswith(TARBALL_SUFFIX) and not e.endswith(delta.DELTA_SUFFIX)]
-    names = (e[: -len(TARBALL_SUFFIX)] for e in tarballs)
-    return [n for n in names if contract.is_release_name(n)]
