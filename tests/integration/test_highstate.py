@@ -43,7 +43,6 @@ def m8(salt_factories, app_repo, nodes_root, tmp_path_factory):
     overrides = {"ext_pillar": [{"release_fleet": {}}]}
     with start_cluster(salt_factories, "m8", str(root), release, PILLAR, nodes_root,
                        minion_ids=MINIONS, master_overrides=overrides) as cluster:
-        cluster.file_root = str(root)
         yield cluster
 
 
@@ -59,10 +58,12 @@ def test_a_new_node_gets_the_published_release_of_a_waves_environment(m8):
     assert [current(m8, m) for m in MINIONS] == [release] * 2
     state_dir = os.path.join(m8.master.config["cachedir"], "release")
     assert os.path.isfile(os.path.join(state_dir, "fleet", "rainbow", "pro.json"))
-    assert os.path.isfile(os.path.join(m8.file_root, "releases", "rainbow", f"{release}.tar.gz"))
+    first_root = m8.master.config["file_roots"]["base"][0]
+    assert os.path.isfile(os.path.join(first_root, "releases", "rainbow", f"{release}.tar.gz"))
 
-    pillar = m8.salt_cli.run("pillar.get", "release_fleet:rainbow", minion_tgt="m8-web2").data
-    assert pillar["env"] == "pro" and pillar["release"] == release, pillar
+    # Fresh from the ext_pillar (the CLI masks pillar values; the state below reads them).
+    pillar = m8.salt_cli.run("pillar.items", minion_tgt="m8-web2").data
+    assert set(pillar["release_fleet"]["rainbow"]) == {"env", "release", "source", "source_hash"}, pillar
 
     node = os.path.join(m8.nodes_root, "m8", "m8-web2")
     subprocess.run(["rm", "-rf", node], check=True)  # a node that never had the project
