@@ -11,7 +11,6 @@ opts and a progress callback in, through ``begin``.
 
 import dataclasses
 import datetime
-import functools
 import getpass
 import logging
 import os
@@ -34,19 +33,6 @@ CONDUCTOR_PHASES = ("drain", "verify", "undrain")
 
 class DeployError(Exception):
     """A step that failed; the run stops and every node keeps the release it had."""
-
-
-def answers_errors(command):
-    """A command whose DeployError (say, an unreachable store) is a failed return, not a traceback."""
-
-    @functools.wraps(command)
-    def answer(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except DeployError as exc:
-            return {"result": False, "error": str(exc), "retcode": 1}
-
-    return answer
 
 
 @dataclasses.dataclass

@@ -30,6 +30,8 @@ Master configuration (see README.md and ``_utils/release_settings.py``)::
             test: {target: 'G@env:test', tgt_type: compound, batch: '100%'}
 """
 
+import functools
+
 import _release_deploy as deploy_pipeline
 import _release_queries as queries
 import _release_recover as recover_pipeline
@@ -45,6 +47,23 @@ def __virtual__():
     return __virtualname__
 
 
+def _answers_errors(command):
+    """
+    A command whose DeployError (say, an unreachable store) is a failed return,
+    not a traceback. Defined here, not in a sibling: Salt injects
+    ``__jid_event__`` into the globals of the function it calls.
+    """
+
+    @functools.wraps(command)
+    def answer(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except runs.DeployError as exc:
+            return {"result": False, "error": str(exc), "retcode": 1}
+
+    return answer
+
+
 def _loader():
     """What the pipelines need of Salt's loader, passed explicitly."""
     return {"opts": __opts__, "functions": __salt__, "progress": _progress}
@@ -57,7 +76,7 @@ def _progress(message):
         jid_event.fire_event({"message": message}, "progress")
 
 
-@runs.answers_errors
+@_answers_errors
 def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, force=False, **kwargs):
     """
     Deploy a git ref (branch, tag or commit) of a project to an environment.
@@ -82,7 +101,7 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, fo
     return deploy_pipeline.deploy(run, wait, diff=bool(kwargs.get("diff")))
 
 
-@runs.answers_errors
+@_answers_errors
 def rollback(project, env, to=None, emergency=False, author=None, wait=0, trigger="cli", **kwargs):
     """
     Send every node of an environment back to the release it ran before its
@@ -106,7 +125,7 @@ def rollback(project, env, to=None, emergency=False, author=None, wait=0, trigge
     return rollback_pipeline.rollback(run, wait, emergency=emergency)
 
 
-@runs.answers_errors
+@_answers_errors
 def recover(project, env, mode="finish", author=None, **kwargs):
     """
     Finish or undo the newest deploy or rollback of an environment after its
@@ -130,7 +149,7 @@ def recover(project, env, mode="finish", author=None, **kwargs):
     return recover_pipeline.recover(run, mode)
 
 
-@runs.answers_errors
+@_answers_errors
 def unlock(project, env, force=False):
     """
     Break a deploy lock left behind by a run that died. Refused while the
@@ -148,7 +167,7 @@ def unlock(project, env, force=False):
     return runs.unlock(__opts__, project, env, force)
 
 
-@runs.answers_errors
+@_answers_errors
 def status(project, env, **kwargs):
     """
     Per node of the environment: the current release, the previous one, the
@@ -164,7 +183,7 @@ def status(project, env, **kwargs):
     return queries.status(_loader(), project, env, kwargs)
 
 
-@runs.answers_errors
+@_answers_errors
 def history(project, env=None, limit=20, phases=False, **kwargs):
     """
     The latest runs of a project (deploys, rollbacks, unlocks, refused
@@ -179,7 +198,7 @@ def history(project, env=None, limit=20, phases=False, **kwargs):
     return queries.history(__opts__, project, env, limit, phases)
 
 
-@runs.answers_errors
+@_answers_errors
 def stats(project, env=None, days=30, **kwargs):
     """
     Deployment statistics over the last ``days`` days: deploys, failures,
@@ -195,7 +214,7 @@ def stats(project, env=None, days=30, **kwargs):
     return queries.stats(__opts__, project, env, days)
 
 
-@runs.answers_errors
+@_answers_errors
 def report(project, out, env=None, days=30, **kwargs):
     """
     Write one self-contained HTML page (inline SVG, no script, no external
@@ -212,7 +231,7 @@ def report(project, out, env=None, days=30, **kwargs):
     return queries.report(__opts__, project, out, env, days)
 
 
-@runs.answers_errors
+@_answers_errors
 def webhook(project, body="", headers=None, gitlab_token_sha256=None, **kwargs):
     """
     Deploy what a verified git push asks for; called by the reactor on
