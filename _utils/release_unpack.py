@@ -81,6 +81,13 @@ def _parts(name, member):
     return tuple(parts)
 
 
+def _open(source):
+    """A tar read from a path (any compression), or read once from a stream."""
+    if hasattr(source, "read"):
+        return tarfile.open(fileobj=source, mode="r|*")
+    return tarfile.open(source)
+
+
 class _Tree:
     """What has been extracted so far: a model of the tree, kept exact because only we write to it."""
 
@@ -95,9 +102,8 @@ class _Tree:
         os.close(self.root_fd)
 
     def fill(self, source, skip):
-        opened = tarfile.open(fileobj=source, mode="r|*") if hasattr(source, "read") else tarfile.open(source)
         count = 0
-        with opened as tar:
+        with _open(source) as tar:
             for member in tar:
                 if member.name in skip:
                     continue

@@ -10,6 +10,7 @@ import stat
 import tarfile
 
 import pytest
+
 import release_unpack as unpack
 
 
@@ -160,7 +161,8 @@ def test_a_good_tree_comes_out_whole_with_safe_modes(tmp_path):
     ]
     dest = str(tmp_path / "dest")
     assert unpack.extract(archive(tmp_path, members), dest) == 6
-    assert open(os.path.join(dest, "web/index.html")).read() == "hi"
+    with open(os.path.join(dest, "web/index.html")) as served:
+        assert served.read() == "hi"
     assert stat.S_IMODE(os.stat(os.path.join(dest, "bin/run")).st_mode) == 0o755
     assert stat.S_IMODE(os.stat(os.path.join(dest, "public/index.html")).st_mode) == 0o644
     assert stat.S_IMODE(os.stat(os.path.join(dest, "public")).st_mode) == 0o755
