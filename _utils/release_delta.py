@@ -8,10 +8,11 @@ the base, plus ``DELTA_MANIFEST`` naming the base and listing each left-out
 ("unchanged") path with its sha256 and tar mode.
 
 A node that has ``releases/<base>`` intact unpacks the delta (with the one
-safe extractor, ``release_unpack``) into a fresh folder and hardlinks each unchanged file from the base after checking its
-sha256 and mode: the result is the same tree a full install gives. Any doubt
-(base missing, a base file changed, a path that is not a plain file inside
-the release) raises ``DeltaRefused`` and the node installs the full artifact.
+safe extractor, ``release_unpack``) into a fresh folder and hardlinks each
+unchanged file from the base after checking its sha256 and mode: the
+result is the same tree a full install gives. Any doubt (base missing, a
+base file changed, a path that is not a plain file inside the release)
+raises ``DeltaRefused`` and the node installs the full artifact.
 
 Both sides import this file, so it stays standard library only.
 """

@@ -3,6 +3,7 @@
 import datetime
 
 import pytest
+
 import release_contract as contract
 
 BUILT = datetime.datetime(2026, 11, 26, 10, 15, 0, tzinfo=datetime.timezone.utc)
