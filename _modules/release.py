@@ -12,8 +12,10 @@ The node's settings come from pillar ``release:<project>`` (deploy_to, user,
 shared, keep_releases) and are kept in the minion's cache at install time, so
 ``salt-call --local release.list <project>`` works with the master down.
 
-This module stands alone (standard library and Salt): minions receive it by
-``saltutil.sync_all`` or from the ``salt_release`` pip package.
+Fetching, sha256 checks, the one safe unpack and the settings cache live in
+``release_node`` (shared with ``release_config`` and ``release_stack``); the
+return shapes in ``release_contract``. Standard library and Salt: minions
+receive it by ``saltutil.sync_all`` or from the ``salt_release`` pip package.
 """
 
 import json
