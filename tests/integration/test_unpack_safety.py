@@ -161,9 +161,10 @@ def test_cve_2025_4517_artifact_is_refused_by_install(cluster, node):
     dest = os.path.join(deploy_to, "releases", f"{name}.partial")
     url, sha = artifacts.stage(cluster, PROJECT, name, _realpath_limit_attack(dest, victim_dir, flag, newfile))
     result = artifacts.install(cluster, MINION, PROJECT, name, url, sha)
+    # On main (tarfile's data filter, Python 3.11.7) this wrote both files beside deploy_to.
+    _assert_victim_untouched(victim_dir, flag, newfile, before)
     assert result.returncode != 0, result
     assert "refused to unpack" in str(result.data), result.data
-    _assert_victim_untouched(victim_dir, flag, newfile, before)
     _assert_untouched(deploy_to, good, name)
 
 
@@ -183,9 +184,9 @@ def test_cve_2025_4517_delta_is_refused_and_the_full_artifact_used(cluster, node
         "release.install", PROJECT, name, f"source={url}", f"source_hash={sha}", f"delta_source={delta_url}",
         f"delta_hash={delta_sha}", f"base={good}", minion_tgt=MINION,
     )
+    _assert_victim_untouched(victim_dir, flag, newfile, before)
     assert result.returncode == 0, result
     assert result.data["transfer"] == "full" and "refused" in result.data["delta_refused"], result.data
-    _assert_victim_untouched(victim_dir, flag, newfile, before)
     with open(os.path.join(deploy_to, "releases", name, "index.html")) as handle:
         assert handle.read() == "full\n"
     assert os.readlink(os.path.join(deploy_to, "current")) == os.path.join("releases", good)
