@@ -379,24 +379,13 @@ def prune(project, keep=None, test=False):
     except ValueError as exc:
         raise CommandExecutionError(str(exc))
     releases_dir = node.paths(settings)["releases"]
-    partials = _stale_partials(releases_dir)
+    partials = node.stale_partials(releases_dir)
     removed = doomed + partials if test else _remove(releases_dir, doomed + partials)
     return {
         "result": True, "removed": removed, "test": bool(test),
         "kept": [n for n in state["releases"] if n not in removed],
         "current": state["current"], "rollback_target": state["rollback_target"],
     }
-
-
-def _stale_partials(releases_dir):
-    """Leftovers of interrupted installs (``<release>.partial``) old enough not to be in use."""
-    found = []
-    for entry in sorted(os.listdir(releases_dir)) if os.path.isdir(releases_dir) else []:
-        path = os.path.join(releases_dir, entry)
-        if (entry.endswith(PARTIAL_SUFFIX) and contract.is_release_name(entry[: -len(PARTIAL_SUFFIX)])
-                and time.time() - os.lstat(path).st_mtime > node.PARTIAL_MIN_AGE_S):
-            found.append(entry)
-    return found
 
 
 def _remove(releases_dir, entries):

@@ -170,6 +170,17 @@ def ensure_layout(node_settings):
     return found
 
 
+def stale_partials(releases_dir):
+    """Leftovers of interrupted installs (``<release>.partial``) old enough not to be in use."""
+    found = []
+    for entry in sorted(os.listdir(releases_dir)) if os.path.isdir(releases_dir) else []:
+        path = os.path.join(releases_dir, entry)
+        if (entry.endswith(PARTIAL_SUFFIX) and contract.is_release_name(entry[: -len(PARTIAL_SUFFIX)])
+                and time.time() - os.lstat(path).st_mtime > PARTIAL_MIN_AGE_S):
+            found.append(entry)
+    return found
+
+
 # ---------------------------------------------------------------- artifacts
 
 
