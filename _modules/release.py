@@ -12,104 +12,50 @@ The node's settings come from pillar ``release:<project>`` (deploy_to, user,
 shared, keep_releases) and are kept in the minion's cache at install time, so
 ``salt-call --local release.list <project>`` works with the master down.
 
-This module stands alone (standard library and Salt): minions receive it by
-``saltutil.sync_all`` or from the ``salt_release`` pip package.
+Fetching, sha256 checks, the one safe unpack and the settings cache live in
+``release_node`` (shared with ``release_config`` and ``release_stack``); the
+return shapes in ``release_contract``. Standard library and Salt: minions
+receive it by ``saltutil.sync_all`` or from the ``salt_release`` pip package.
 """
 
 import json
 import logging
 import os
-import pwd
 import shutil
-import tarfile
 import time
 
 from salt.exceptions import CommandExecutionError
 
 import release_contract as contract
-import release_delta as delta
+import release_node as node
 import release_retention as retention
 
 log = logging.getLogger(__name__)
 
 __virtualname__ = "release"
 
-ARTIFACT_HASH_FILE = ".artifact.sha256"
-PARTIAL_SUFFIX = ".partial"
-# A .partial younger than this may belong to an install running now: prune leaves it.
-PARTIAL_MIN_AGE_S = 600
+ARTIFACT_HASH_FILE = node.ARTIFACT_HASH_FILE
+PARTIAL_SUFFIX = node.PARTIAL_SUFFIX
 
 
 def __virtual__():
-    if not hasattr(tarfile, "data_filter"):
-        return (False, "release: needs a Python whose tarfile has the 'data' filter (3.8.17+, 3.11.4+)")
     return __virtualname__
 
 
 # ---------------------------------------------------------------- settings
 
 
-def _cache_path(project):
-    return os.path.join(__opts__["cachedir"], "release", f"{project}.json")
+def _settings(project):
+    """The node's view of a project: pillar first, else what the last install recorded."""
+    return node.settings(__opts__, __pillar__, project)
 
 
 def _read_cache(project):
-    try:
-        with open(_cache_path(project), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(project, data):
-    path = _cache_path(project)
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-    os.replace(tmp, path)
-
-
-def _settings(project):
-    """
-    The node's view of a project: pillar first, else what the last install
-    recorded (the master may be down).
-    """
-    if not project or "/" in project or project.startswith("."):
-        raise CommandExecutionError(f"bad project name: {project!r}")
-    pillar = (__pillar__.get("release") or {}).get(project) or {}
-    cached = _read_cache(project)
-    deploy_to = pillar.get("deploy_to") or cached.get("deploy_to")
-    if not deploy_to:
-        raise CommandExecutionError(
-            f"no release:{project}:deploy_to in this node's pillar and no record of an earlier install"
-        )
-    if not os.path.isabs(deploy_to):
-        raise CommandExecutionError(f"release:{project}:deploy_to must be absolute, got {deploy_to!r}")
-    shared = pillar.get("shared", cached.get("shared", []))
-    for path in shared:
-        _check_relative(path, "shared path")
-    return {
-        "deploy_to": deploy_to,
-        "user": pillar.get("user", cached.get("user")),
-        "shared": list(shared),
-        "keep_releases": int(pillar.get("keep_releases", cached.get("keep_releases", 5))),
-        "stack": pillar.get("stack", cached.get("stack")),
-    }
+    return node.read_cache(__opts__, project)
 
 
 def _remember(project, settings, **state):
-    """Record settings and node state (current, previous, fence token) in the cache."""
-    cached = _read_cache(project)
-    cached.update(settings)
-    cached.update(state)
-    _write_cache(project, cached)
-
-
-def _check_relative(path, what):
-    parts = str(path).split("/")
-    if not path or os.path.isabs(path) or ".." in parts:
-        raise CommandExecutionError(f"{what} must be relative and stay inside the release: {path!r}")
+    node.remember(__opts__, project, settings, **state)
 
 
 def _check_name(name):
@@ -119,40 +65,7 @@ def _check_name(name):
         )
 
 
-def _app_ids(settings):
-    user = settings.get("user")
-    if not user:
-        return os.getuid(), os.getgid()
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise CommandExecutionError(f"app user '{user}' does not exist on this node")
-    return entry.pw_uid, entry.pw_gid
-
-
 # ---------------------------------------------------------------- layout
-
-
-def _paths(settings):
-    root = settings["deploy_to"]
-    return {
-        "root": root,
-        "releases": os.path.join(root, "releases"),
-        "shared": os.path.join(root, "shared"),
-        "current": os.path.join(root, "current"),
-    }
-
-
-def _ensure_layout(settings):
-    paths = _paths(settings)
-    for key in ("root", "releases", "shared"):
-        try:
-            os.makedirs(paths[key], mode=0o755, exist_ok=True)
-        except OSError as exc:
-            raise CommandExecutionError(f"cannot create {paths[key]}: {exc.strerror}")
-        if not os.access(paths[key], os.W_OK):
-            raise CommandExecutionError(f"{paths[key]} is not writable")
-    return paths
 
 
 def _current_name(paths):
@@ -178,81 +91,16 @@ def _release_names(paths):
 # ---------------------------------------------------------------- events
 
 
-def _fire(project, env, phase, release, started, error=None, **extra):
-    """Report a phase on the master's event bus (not when running masterless)."""
-    data = contract.phase_event(release, error is None, time.monotonic() - started, error, **extra)
-    problem = contract.send_phase(__opts__, __salt__, project, env, phase, data)
-    if problem:
-        log.warning("release: %s", problem)
-
-
 def _reported(project, env, phase, release):
     """Wrap a phase: run ``work``, time it and report it on the bus, failed or not."""
-
-    def run(work):
-        started = time.monotonic()
-        try:
-            result = work()
-        except CommandExecutionError as exc:
-            _fire(project, env, phase, release, started, error=str(exc))
-            raise
-        result["duration_s"] = round(time.monotonic() - started, 3)
-        _fire(project, env, phase, release, started, **_event_extra(result))
-        return result
-
-    return run
+    return lambda work: node.reported((__opts__, __salt__), project, env, phase, release, work, _event_extra)
 
 
 def _event_extra(result):
-    return {k: result[k] for k in ("previous", "changed") if k in result}
+    return {k: result[k] for k in ("previous", "changed") if k in (result or {})}
 
 
 # ---------------------------------------------------------------- install
-
-
-def _fetch(source):
-    cached = __salt__["cp.cache_file"](source)
-    if not cached:
-        where = "from the master" if str(source).startswith("salt://") else "over HTTP"
-        raise CommandExecutionError(f"could not fetch {source} {where}")
-    return cached
-
-
-def _fetch_verified(source, source_hash):
-    archive = _fetch(source)
-    _verify(archive, source_hash)
-    return archive
-
-
-def _verify(path, source_hash):
-    expected = source_hash.split("=", 1)[-1].lower()
-    actual = contract.sha256_file(path)
-    if actual != expected:
-        raise CommandExecutionError(
-            f"checksum mismatch for {os.path.basename(path)}: expected sha256 {expected}, got {actual}"
-        )
-
-
-def _unpack(archive, dest):
-    """
-    Extract into a fresh empty folder with tarfile's 'data' filter, which
-    refuses '..', links leaving the tree, devices and fifos, and clears
-    setuid and group/other write bits; absolute paths are refused too.
-    """
-    os.mkdir(dest, 0o755)
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(dest, filter=_strict_data_filter)
-    except (tarfile.TarError, OSError) as exc:
-        shutil.rmtree(dest, ignore_errors=True)
-        raise CommandExecutionError(f"refused to unpack {os.path.basename(archive)}: {exc}")
-
-
-def _strict_data_filter(member, dest):
-    """tarfile's 'data' filter, except that an absolute name is refused, not made relative."""
-    if member.name.startswith("/"):
-        raise tarfile.AbsolutePathError(member)
-    return tarfile.data_filter(member, dest)
 
 
 def _read_manifest(release_dir, name):
@@ -270,7 +118,7 @@ def _read_manifest(release_dir, name):
 
 def _link_shared(release_dir, paths, settings):
     """Replace each shared path in the release by a link into shared/."""
-    uid, gid = _app_ids(settings)
+    uid, gid = node.app_ids(settings.get("user"))
     for rel in settings["shared"]:
         shared_path = os.path.join(paths["shared"], rel)
         if not os.path.isdir(shared_path):
@@ -300,38 +148,49 @@ def _protect(release_dir):
 
 def _unpacked_release(paths, name, source, source_hash, settings, delta_offer=None):
     """
-    Fetch, verify and unpack into releases/<name>.partial (from a delta when
-    one is offered and the base checks out), then rename it in place. Returns
-    why the delta was not used (None when it was).
+    The release's files in releases/<name>.partial (the config dry run's
+    staged tree when it was built from this artifact, else from the delta or
+    the full artifact), made ready, then renamed in place. Returns how the
+    files came, for the install's return.
     """
     target = os.path.join(paths["releases"], name)
     partial = target + PARTIAL_SUFFIX
     if os.path.lexists(partial):
         shutil.rmtree(partial)  # a leftover of an interrupted install of this very release
-    not_delta = delta.try_apply(delta_offer or {}, paths["releases"], partial, _fetch_verified,
-                                (CommandExecutionError,), skip=settings["shared"])
-    if not_delta:
-        _unpack(_fetch_verified(source, source_hash), partial)
+    staged = node.take_staged(paths, name, source_hash, partial)
+    if staged:
+        not_delta = staged.get("delta_refused")
+    else:
+        not_delta = node.build_tree(__salt__, paths, settings, partial, source, source_hash, delta_offer)
     try:
-        manifest = _read_manifest(partial, name)
-        _link_shared(partial, paths, settings)
-        _protect(partial)
-        # Config rendered into the release itself, so a rollback brings its config back.
-        __salt__["release_config.render"](manifest["project"], partial, manifest, env=manifest["env"])
-        # The full artifact's hash, verified above or rebuilt file by file from a verified delta.
-        # Unlink first: an artifact file of that name may be hardlinked from the base release.
-        if os.path.lexists(os.path.join(partial, ARTIFACT_HASH_FILE)):
-            os.unlink(os.path.join(partial, ARTIFACT_HASH_FILE))
-        with open(os.path.join(partial, ARTIFACT_HASH_FILE), "w", encoding="utf-8") as handle:
-            handle.write(source_hash + "\n")
-        os.chmod(os.path.join(partial, ARTIFACT_HASH_FILE), 0o644)
+        _make_ready(partial, paths, settings, name, source_hash)
         os.rename(partial, target)
     except (OSError, CommandExecutionError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(exc, CommandExecutionError):
             raise
         raise CommandExecutionError(f"could not install {name}: {exc}")
-    return not_delta
+    if not_delta:
+        return {"transfer": "full", "delta_refused": not_delta, "staged": bool(staged)}
+    return {"transfer": "delta", "base": (delta_offer or {}).get("base"), "staged": bool(staged)}
+
+
+def _make_ready(partial, paths, settings, name, source_hash):
+    """Check the manifest, link shared paths, protect the code, render config, record the artifact's hash."""
+    manifest = _read_manifest(partial, name)
+    _link_shared(partial, paths, settings)
+    _protect(partial)
+    # Config rendered into the release itself, so a rollback brings its config back.
+    __salt__["release_config.render"](manifest["project"], partial, manifest, env=manifest["env"])
+    # The full artifact's hash, verified above or rebuilt file by file from a verified delta.
+    # Unlink first: an artifact file of that name may be hardlinked from the base release.
+    hash_file = os.path.join(partial, ARTIFACT_HASH_FILE)
+    if os.path.lexists(hash_file):
+        os.unlink(hash_file)
+    fd = os.open(hash_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o644)
+        handle.write(source_hash + "\n")
 
 
 def _installed_hash(release_dir):
@@ -382,23 +241,20 @@ def install(project, name, source, source_hash, env=None, fence=None,
     def work():
         _check_name(name)
         settings = _settings(project)
-        paths = _ensure_layout(settings)
+        paths = node.ensure_layout(settings)
         _remember(project, settings)
         _check_fence(project, fence)
         target = os.path.join(paths["releases"], name)
-        expected = str(source_hash).split("=", 1)[-1].lower()  # the CLI may type digits as int
+        expected = node.sha256_of(source_hash)
         if os.path.isdir(target):
             if _installed_hash(target) != expected:
                 raise CommandExecutionError(
                     f"release {name} is already installed from a different artifact; refusing to replace it"
                 )
-            return {"result": True, "release": name, "changed": False, "path": target}
+            return contract.install_return(name, target, changed=False)
         offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
-        not_delta = _unpacked_release(paths, name, source, expected, settings, offer)
-        transfer = (
-            {"transfer": "full", "delta_refused": not_delta} if not_delta else {"transfer": "delta", "base": base}
-        )
-        return {"result": True, "release": name, "changed": True, "path": target, **transfer}
+        return contract.install_return(name, target, True, **_unpacked_release(
+            paths, name, source, expected, settings, offer))
 
     return _reported(project, env, "install", name)(work)
 
@@ -447,7 +303,7 @@ def activate(project, name, env=None, fence=None, rollback=False, force=False, *
     def work():
         _check_name(name)
         settings = _settings(project)
-        paths = _paths(settings)
+        paths = node.paths(settings)
         _check_fence(project, fence)
         if not os.path.isdir(os.path.join(paths["releases"], name)):
             raise CommandExecutionError(f"release {name} is not installed on this node")
@@ -464,7 +320,7 @@ def activate(project, name, env=None, fence=None, rollback=False, force=False, *
                 bad.append(previous)
             _remember(project, settings, current=name, previous=previous, bad=bad,
                       history=retention.remember_switch(cached.get("history"), name))
-        result = {"result": True, "release": name, "previous": previous, "changed": previous != name}
+        result = contract.activate_return(name, previous)
         # After every real switch, and again until one succeeded for this release.
         if settings["stack"] and (previous != name or _read_cache(project).get("reloaded") != name):
             result["reload"] = _reported(project, env, "reload", name)(
@@ -522,25 +378,14 @@ def prune(project, keep=None, test=False):
         doomed = retention.prunable(state["releases"], state["current"], keep, [state["rollback_target"]])
     except ValueError as exc:
         raise CommandExecutionError(str(exc))
-    releases_dir = _paths(settings)["releases"]
-    partials = _stale_partials(releases_dir)
+    releases_dir = node.paths(settings)["releases"]
+    partials = node.stale_partials(releases_dir)
     removed = doomed + partials if test else _remove(releases_dir, doomed + partials)
     return {
         "result": True, "removed": removed, "test": bool(test),
         "kept": [n for n in state["releases"] if n not in removed],
         "current": state["current"], "rollback_target": state["rollback_target"],
     }
-
-
-def _stale_partials(releases_dir):
-    """Leftovers of interrupted installs (``<release>.partial``) old enough not to be in use."""
-    found = []
-    for entry in sorted(os.listdir(releases_dir)) if os.path.isdir(releases_dir) else []:
-        path = os.path.join(releases_dir, entry)
-        if (entry.endswith(PARTIAL_SUFFIX) and contract.is_release_name(entry[: -len(PARTIAL_SUFFIX)])
-                and time.time() - os.lstat(path).st_mtime > PARTIAL_MIN_AGE_S):
-            found.append(entry)
-    return found
 
 
 def _remove(releases_dir, entries):
@@ -576,14 +421,12 @@ def list_(project):
 
         salt-call --local release.list rainbow
     """
-    paths = _paths(_settings(project))
+    paths = node.paths(_settings(project))
     releases, current = _release_names(paths), _current_name(paths)
     cached = _read_cache(project)
     bad = [b for b in cached.get("bad", []) if b in releases]
-    return {
-        "releases": releases, "current": current, "previous": cached.get("previous"), "bad": bad,
-        "rollback_target": retention.rollback_target(releases, current, cached.get("history"), bad),
-    }
+    return contract.list_return(releases, current, cached.get("previous"), bad,
+                                retention.rollback_target(releases, current, cached.get("history"), bad))
 
 
 def current(project):
@@ -596,7 +439,7 @@ def current(project):
 
         salt 'web*' release.current rainbow
     """
-    return _current_name(_paths(_settings(project)))
+    return _current_name(node.paths(_settings(project)))
 
 
 __func_alias__ = {"list_": "list"}

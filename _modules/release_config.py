@@ -28,12 +28,8 @@ calls ``render`` through ``__salt__``.
 
 import hashlib
 import json
-import logging
 import os
 import re
-import tarfile
-import tempfile
-import time
 import traceback
 
 import jinja2  # a dependency of Salt itself
@@ -41,9 +37,7 @@ import jinja2.sandbox
 from salt.exceptions import CommandExecutionError
 
 import release_contract as contract
-import release_delta as delta
-
-log = logging.getLogger(__name__)
+import release_node as node
 
 __virtualname__ = "release_config"
 
@@ -150,20 +144,8 @@ def _ownership(target, spec, user):
         raise CommandExecutionError(
             f"{target}: mode {mode:04o} lets group or others write; rendered files are read-only"
         )
-    uid, gid = _app_ids(user)
+    uid, gid = node.app_ids(user)
     return (uid if owner == "app" else os.getuid()), gid, mode
-
-
-def _app_ids(user):
-    if not user:
-        return os.getuid(), os.getgid()
-    import pwd  # pylint: disable=import-outside-toplevel
-
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        raise CommandExecutionError(f"app user '{user}' does not exist on this node") from None
-    return entry.pw_uid, entry.pw_gid
 
 
 # ---------------------------------------------------------------- rendering
@@ -309,24 +291,12 @@ def _write_index(release_dir, hashes):
 # ---------------------------------------------------------------- events
 
 
-def _fire(project, env, release, started, files, error=None, dry_run=False):
-    """Report the configure phase on the master bus: file names and sha256 only."""
-    data = contract.phase_event(release, error is None, time.monotonic() - started, error,
-                                files=files, dry_run=dry_run)
-    problem = contract.send_phase(__opts__, __salt__, project, env, "configure", data)
-    if problem:
-        log.warning("release_config: %s", problem)
-
-
 def _reported(project, env, release, dry_run, work):
-    started = time.monotonic()
-    try:
-        result = work()
-    except CommandExecutionError as exc:
-        _fire(project, env, release, started, {}, error=str(exc), dry_run=dry_run)
-        raise
-    _fire(project, env, release, started, result["files"], dry_run=dry_run)
-    return result
+    """Report the configure phase on the master bus: file names and sha256 only."""
+    return node.reported(
+        (__opts__, __salt__), project, env, "configure", release, work, timed=False,
+        summary=lambda result: {"files": result["files"] if result else {}, "dry_run": dry_run},
+    )
 
 
 # ---------------------------------------------------------------- public
@@ -366,9 +336,11 @@ def render(project, release_dir, manifest=None, env=None):
 def check(project, name, source, source_hash, env=None, delta_source=None, delta_hash=None, base=None):
     """
     Dry run: render this node's files for release ``name`` (its artifact
-    fetched from ``source`` and checked against ``source_hash``) in a temp
-    directory, and say per file whether it differs from the current
-    release's. Nothing on the node changes. Returns names and sha256 only.
+    fetched from ``source`` and checked against ``source_hash``) in memory,
+    and say per file whether it differs from the current release's. Returns
+    names and sha256 only. No release changes: the artifact is unpacked once
+    into ``deploy_to/.staging/<name>`` (root only), which ``release.install``
+    of the same artifact then moves into place instead of unpacking again.
     A project without ``files`` fetches nothing: there is nothing to render.
 
     CLI Example:
@@ -383,7 +355,7 @@ def check(project, name, source, source_hash, env=None, delta_source=None, delta
     def work():
         conf = _project_pillar(project)
         offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
-        rendered = _dry_run(project, name, conf, source, source_hash, offer) if conf.get("files") else {}
+        rendered = _dry_run(project, name, source, source_hash, offer) if conf.get("files") else {}
         current = os.path.join(conf.get("deploy_to") or "/nonexistent", "current")
         files = {t: _compare(current, t, _digest(v[0])) for t, v in rendered.items()}
         for target in sorted(set(_read_index(current)) - set(files)):
@@ -393,45 +365,29 @@ def check(project, name, source, source_hash, env=None, delta_source=None, delta
     return _reported(project, env, name, True, work)
 
 
-def _dry_run(project, name, conf, source, source_hash, offer):
-    """Render this node's files for release ``name`` in a temp copy of the release."""
-    with tempfile.TemporaryDirectory(prefix="release-check-") as tmp:
-        tree = os.path.join(tmp, "tree")
-        manifest = _unpack_artifact(conf, source, source_hash, tree, offer)
+def _dry_run(project, name, source, source_hash, offer):
+    """
+    Render this node's files for release ``name`` from its tree, built once
+    into the staging folder: ``release.install`` of the same artifact reuses it.
+    """
+    settings = node.settings(__opts__, __pillar__, project)
+    tree = node.stage(__salt__, settings, name, source, source_hash, offer)
+    try:
+        manifest = _read_manifest(tree)
         if manifest.get("name") != name:
             raise CommandExecutionError(f"artifact {source} is not release {name}")
         return _rendered(project, tree, manifest)
+    except CommandExecutionError:
+        node.unstage(node.paths(settings), name)
+        raise
 
 
-def _unpack_artifact(conf, source, source_hash, dest, offer):
-    """
-    The release's files in ``dest``: rebuilt from the delta and the installed
-    base when one is offered and checks out (as ``release.install`` does),
-    else unpacked from the full artifact. Returns its manifest.
-    """
-    releases = os.path.join(conf.get("deploy_to") or "/nonexistent", "releases")
-    if delta.try_apply(offer, releases, dest, _fetch_verified, (CommandExecutionError,), conf.get("shared") or []):
-        archive = _fetch_verified(source, source_hash)
-        os.makedirs(dest, exist_ok=True)
-        try:
-            with tarfile.open(archive, "r:*") as tar:
-                tar.extractall(dest, filter="data")
-        except (tarfile.TarError, OSError) as exc:
-            raise CommandExecutionError(f"could not read {os.path.basename(archive)}: {exc}") from None
+def _read_manifest(tree):
     try:
-        with open(os.path.join(dest, contract.MANIFEST_NAME), encoding="utf-8") as handle:
+        with open(os.path.join(tree, contract.MANIFEST_NAME), encoding="utf-8") as handle:
             return json.load(handle)
     except (OSError, ValueError) as exc:
         raise CommandExecutionError(f"could not read the release manifest: {exc}") from None
-
-
-def _fetch_verified(source, source_hash):
-    archive = __salt__["cp.cache_file"](source)
-    if not archive:
-        raise CommandExecutionError(f"could not fetch {source} from the master")
-    if contract.sha256_file(archive) != str(source_hash).split("=", 1)[-1].lower():
-        raise CommandExecutionError(f"checksum mismatch for {os.path.basename(archive)}")
-    return archive
 
 
 def _compare(current, target, sha256):

@@ -36,7 +36,8 @@ Commands run with a clean environment (plus ``stack:environment``) as
 out (for service managers such as ``systemctl``) and never for Tomcat's own
 stop/start commands (use ``unit`` there: systemd starts it as its ``User=``).
 
-This module stands alone (standard library and Salt).
+Standard library and Salt; the FastCGI client is ``release_fastcgi``, the
+project's settings and node cache come from ``release_node``.
 """
 
 import json
@@ -44,14 +45,15 @@ import os
 import pwd
 import re
 import signal
-import socket
-import stat
-import struct
 import subprocess
 import tempfile
 import time
 
 from salt.exceptions import CommandExecutionError
+
+import release_fastcgi as fastcgi
+import release_node as node
+import release_safe_fs as safe_fs
 
 __virtualname__ = "release_stack"
 
@@ -90,25 +92,12 @@ def __virtual__():
 # ---------------------------------------------------------------- settings
 
 
-def _cached_settings(project):
-    """What release.install last recorded for the project (the master may be down)."""
-    path = os.path.join(__opts__["cachedir"], "release", f"{project}.json")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return {}
-
-
 def _stack(project):
     """``release:<project>:stack`` plus the app user and deploy_to: pillar first, else the cache."""
-    if not project or "/" in project or project.startswith("."):
-        raise CommandExecutionError(f"bad project name: {project!r}")
-    pillar = (__pillar__.get("release") or {}).get(project) or {}
-    cached = _cached_settings(project)
-    stack = dict(pillar.get("stack", cached.get("stack")) or {})
-    stack["app_user"] = pillar.get("user", cached.get("user"))
-    stack["deploy_to"] = pillar.get("deploy_to") or cached.get("deploy_to")
+    view = node.project_view(__opts__, __pillar__, project)
+    stack = dict(view.get("stack") or {})
+    stack["app_user"] = view.get("user")
+    stack["deploy_to"] = view.get("deploy_to")
     return stack
 
 
@@ -188,35 +177,9 @@ def _run(step, command, entry, stack, check=True):
 # ---------------------------------------------------------------- sockets
 
 
-def _address(spec):
-    """A unix socket path, or (host, port) from 'host:port', '[v6]:port' or a bare port."""
-    text = str(spec).strip()
-    if text.startswith("/"):
-        return text
-    host, _, port = text.rpartition(":")
-    try:
-        return host.strip("[]") or "127.0.0.1", int(port)
-    except ValueError:
-        raise CommandExecutionError(f"not a socket path or host:port: {spec!r}")
-
-
-def _connect(spec, timeout_s):
-    address = _address(spec)
-    if isinstance(address, str):
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.settimeout(timeout_s)
-        try:
-            conn.connect(address)
-        except OSError:
-            conn.close()
-            raise
-        return conn
-    return socket.create_connection(address, timeout=timeout_s)
-
-
 def _answers(spec):
     try:
-        with _connect(spec, 1):
+        with fastcgi.connect(spec, 1):
             return True
     except OSError:
         return False
@@ -237,64 +200,6 @@ def _port_step(step, port, up, timeout_s):
         lambda: _answers(port) == up, timeout_s, f"{port} {'did not answer' if up else 'still answers'}"
     )
     return {"step": step, "port": str(port), "seconds": seconds}
-
-
-# ---------------------------------------------------------------- FastCGI
-
-FCGI_BEGIN_REQUEST, FCGI_END_REQUEST, FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_STDERR = 1, 3, 4, 5, 6, 7
-FCGI_RESPONDER = 1
-FCGI_HEADER = struct.Struct("!BBHHBx")  # version, type, request id, content length, padding
-
-
-def _fcgi_record(kind, content):
-    return FCGI_HEADER.pack(1, kind, 1, len(content), 0) + content
-
-
-def _fcgi_pair(name, value):
-    name, value = name.encode(), value.encode()
-    sizes = b"".join(struct.pack("!B", n) if n < 128 else struct.pack("!I", n | 0x80000000)
-                     for n in (len(name), len(value)))
-    return sizes + name + value
-
-
-def _recv_exactly(conn, size):
-    data = b""
-    while len(data) < size:
-        chunk = conn.recv(size - len(data))
-        if not chunk:
-            raise CommandExecutionError("FPM closed the connection in the middle of a response")
-        data += chunk
-    return data
-
-
-def _fastcgi_get(listen, script, query, timeout_s):
-    """A GET of ``script`` sent straight to an FPM pool; returns (stdout, stderr) bytes."""
-    params = {
-        "GATEWAY_INTERFACE": "CGI/1.1", "REQUEST_METHOD": "GET", "SERVER_PROTOCOL": "HTTP/1.1",
-        "SCRIPT_FILENAME": script, "SCRIPT_NAME": "/" + os.path.basename(script),
-        "REQUEST_URI": f"/{os.path.basename(script)}?{query}", "QUERY_STRING": query,
-        "DOCUMENT_ROOT": os.path.dirname(script), "REMOTE_ADDR": "127.0.0.1",
-        "SERVER_SOFTWARE": "salt-release", "CONTENT_LENGTH": "0",
-    }
-    request = (
-        _fcgi_record(FCGI_BEGIN_REQUEST, struct.pack("!HB5x", FCGI_RESPONDER, 0))
-        + _fcgi_record(FCGI_PARAMS, b"".join(_fcgi_pair(k, v) for k, v in params.items()))
-        + _fcgi_record(FCGI_PARAMS, b"")
-        + _fcgi_record(FCGI_STDIN, b"")
-    )
-    streams = {FCGI_STDOUT: b"", FCGI_STDERR: b""}
-    try:
-        with _connect(listen, timeout_s) as conn:
-            conn.sendall(request)
-            while True:
-                _, kind, _, length, padding = FCGI_HEADER.unpack(_recv_exactly(conn, FCGI_HEADER.size))
-                content = _recv_exactly(conn, length + padding)[:length]
-                if kind == FCGI_END_REQUEST:
-                    return streams[FCGI_STDOUT], streams[FCGI_STDERR]
-                if kind in streams:
-                    streams[kind] += content
-    except OSError as exc:
-        raise CommandExecutionError(f"could not talk FastCGI to {listen}: {exc}")
 
 
 def _reset_script(stack):
@@ -319,7 +224,7 @@ def _reset_script(stack):
 
 def _pool_status(listen, script, query, timeout_s):
     """Run the reset script in the pool; its JSON answer, or an error saying why FPM refused."""
-    stdout, stderr = _fastcgi_get(listen, script, query, timeout_s)
+    stdout, stderr = fastcgi.get(listen, script, query, timeout_s)
     head, _, body = stdout.partition(b"\r\n\r\n")
     status = re.search(rb"^Status: *(.*)$", head, re.M)
     if status and not status.group(1).startswith(b"200"):
@@ -427,58 +332,11 @@ def _php_fpm(stack):
 # ---------------------------------------------------------------- tomcat
 
 
-def _open_dir(dir_fd, name):
-    """Open a directory below ``dir_fd`` without following a link (the app user owns these trees)."""
-    try:
-        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise CommandExecutionError(f"{name} is not a plain directory, refusing to clean through it: {exc}")
-
-
-def _remove(dir_fd, name):
-    """rm -rf of one entry, by descriptors: a link is removed, never followed."""
-    if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-    try:
-        for child in os.listdir(fd):
-            _remove(fd, child)
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
-
-
-def _clean_below(base, parts, names):
-    """Remove ``names`` (None: everything) in base/parts...; returns what went."""
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for part in parts:
-            inner = _open_dir(fd, part)
-            os.close(fd)
-            fd = inner
-            if fd is None:
-                return []
-        removed = []
-        for name in os.listdir(fd) if names is None else names:
-            try:
-                _remove(fd, name)
-            except FileNotFoundError:
-                continue
-            removed.append("/".join(parts + (name,)))
-        return removed
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
 def _clean_tomcat(base, app):
     """Compiled JSPs of the context and Tomcat's temp files: stale after any switch, rollbacks included."""
     try:
-        return (_clean_below(base, ("work", "Catalina", "localhost"), [app])
-                + _clean_below(base, ("temp",), None))
+        return (safe_fs.clean_below(base, ("work", "Catalina", "localhost"), [app])
+                + safe_fs.clean_below(base, ("temp",), None))
     except OSError as exc:
         raise CommandExecutionError(f"could not clean {base}: {exc}")
 

@@ -1,7 +1,8 @@
 """
 The contract between the salt-release runner (master) and the release
-execution module (minions): release names, the manifest, event tags and the
-per-node return shape.
+execution module (minions): release names, the manifest, event tags, the
+returns of ``release.list``, ``release.install`` and ``release.activate``
+and the per-node entry of a runner return.
 
 Both sides import this one file, so it must stay standard library only: it is
 synced to minions with ``saltutil.sync_all`` (``_utils``) or installed with
@@ -38,8 +39,6 @@ NAME_PATTERN = re.compile(
 )
 _UNSAFE = re.compile(r"[^A-Za-z0-9.-]+")
 
-# Phases a node reports on the event bus, in the order a deploy runs them.
-PHASES = ("configure", "install", "drain", "activate", "reload", "verify", "undrain", "rollback")
 TAG_PREFIX = "release"
 
 
@@ -155,3 +154,64 @@ def node_result(result, release=None, previous=None, error=None, **extra):
     entry = {"result": bool(result), "release": release, "previous": previous, "error": error}
     entry.update(extra)
     return entry
+
+
+# ---------------------------------------------------------------- node returns
+
+# Keys every return of the node function has ({key: allowed types}); the
+# builders below are the only way the node module makes them, and the runner
+# may check what it got with validate_return().
+RETURN_KEYS = {
+    "list": {"releases": (list,), "current": (str, type(None)), "previous": (str, type(None)),
+             "bad": (list,), "rollback_target": (str, type(None))},
+    "install": {"result": (bool,), "release": (str,), "changed": (bool,), "path": (str,)},
+    "activate": {"result": (bool,), "release": (str,), "previous": (str, type(None)), "changed": (bool,)},
+}
+# Keys a return may have besides: how an install got its files, the stack reload after a switch.
+OPTIONAL_KEYS = {
+    "list": {},
+    "install": {"transfer": (str,), "delta_refused": (str,), "base": (str,), "staged": (bool,),
+                "duration_s": (int, float)},
+    "activate": {"reload": (dict,), "duration_s": (int, float)},
+}
+TRANSFERS = ("full", "delta")
+
+
+def list_return(releases, current, previous, bad, rollback_target):
+    """``release.list``: installed releases oldest first, current, previous, bad ones, rollback target."""
+    return {"releases": list(releases), "current": current, "previous": previous, "bad": list(bad),
+            "rollback_target": rollback_target}
+
+
+def install_return(release, path, changed, transfer=None, **detail):
+    """
+    ``release.install``: when it changed, ``transfer`` (full or delta) says how
+    the files came, ``staged`` that the config dry run's tree was reused.
+    """
+    ret = {"result": True, "release": release, "changed": bool(changed), "path": path}
+    if transfer:
+        ret["transfer"] = transfer
+        ret.update({k: v for k, v in detail.items() if v is not None})
+    return ret
+
+
+def activate_return(release, previous):
+    """``release.activate``: the release switched to and the one it replaced (same: nothing changed)."""
+    return {"result": True, "release": release, "previous": previous, "changed": previous != release}
+
+
+def validate_return(kind, ret):
+    """Problems with a node return of ``kind`` (list, install, activate); empty when it is good."""
+    if not isinstance(ret, dict):
+        return [f"a {kind} return must be a mapping, got {type(ret).__name__}"]
+    required, optional = RETURN_KEYS[kind], OPTIONAL_KEYS[kind]
+    problems = [f"{kind} return lacks '{key}'" for key in required if key not in ret]
+    for key, value in ret.items():
+        allowed = required.get(key) or optional.get(key)
+        if allowed is None:
+            problems.append(f"{kind} return has an unknown key '{key}'")
+        elif not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            problems.append(f"{kind} return's '{key}' is a {type(value).__name__}")
+    if kind == "install" and ret.get("transfer") not in (None,) + TRANSFERS:
+        problems.append(f"install return's transfer is {ret['transfer']!r}")
+    return problems

@@ -7,11 +7,12 @@ full tarball except the regular files that are byte- and mode-identical in
 the base, plus ``DELTA_MANIFEST`` naming the base and listing each left-out
 ("unchanged") path with its sha256 and tar mode.
 
-A node that has ``releases/<base>`` intact unpacks the delta into a fresh
-folder and hardlinks each unchanged file from the base after checking its
-sha256 and mode: the result is the same tree a full install gives. Any doubt
-(base missing, a base file changed, a path that is not a plain file inside
-the release) raises ``DeltaRefused`` and the node installs the full artifact.
+A node that has ``releases/<base>`` intact unpacks the delta (with the one
+safe extractor, ``release_unpack``) into a fresh folder and hardlinks each
+unchanged file from the base after checking its sha256 and mode: the
+result is the same tree a full install gives. Any doubt (base missing, a
+base file changed, a path that is not a plain file inside the release)
+raises ``DeltaRefused`` and the node installs the full artifact.
 
 Both sides import this file, so it stays standard library only.
 """
@@ -26,6 +27,7 @@ import stat
 import tarfile
 
 import release_contract as contract
+import release_unpack as unpack
 
 log = logging.getLogger(__name__)
 
@@ -107,12 +109,10 @@ def apply(delta_tarball, base_name, base_dir, dest, skip=()):
     """
     with tarfile.open(delta_tarball, "r:*") as tar:
         doc = _read_manifest(tar, base_name)
-        os.mkdir(dest, 0o755)
-        members = [m for m in tar.getmembers() if m.name != DELTA_MANIFEST]
-        try:
-            tar.extractall(dest, members=members, filter="data")
-        except (tarfile.TarError, OSError) as exc:
-            raise DeltaRefused(f"delta refused to unpack: {exc}")
+    try:
+        unpack.extract(delta_tarball, dest, skip=(DELTA_MANIFEST,))
+    except unpack.UnsafeArchive as exc:
+        raise DeltaRefused(f"delta refused to unpack: {exc}")
     for rel, want in sorted(doc["unchanged"].items()):
         if not _under(rel, skip):
             _carry(base_dir, dest, rel, want)
@@ -182,10 +182,8 @@ def _carry(base_dir, dest, rel, want):
 
 
 def installed_mode(tar_mode):
-    """The mode a regular file of ``tar_mode`` has after the 'data' filter and the install's 0o755 mask."""
-    info = tarfile.TarInfo("f")
-    info.mode = tar_mode
-    return tarfile.data_filter(info, "/").mode & 0o755
+    """The mode a regular file of ``tar_mode`` has after the extractor and the install's 0o755 mask."""
+    return unpack.file_mode(tar_mode) & 0o755
 
 
 def _copy(src, dst):

@@ -5,6 +5,7 @@ written outside the release, no ``releases/<name>`` is left behind and
 master's artifact root with a correct sha256, so only their contents are wrong.
 """
 
+import json
 import os
 import tarfile
 import uuid
@@ -101,4 +102,91 @@ def test_valid_artifact_installed_twice_changes_nothing(cluster, node):
     other_url, other_sha = artifacts.stage(cluster, PROJECT, artifacts.fresh_name(PROJECT, "v3"), [])
     other = artifacts.install(cluster, MINION, PROJECT, name, other_url, other_sha)
     assert other.returncode != 0 and "different artifact" in str(other.data)
+    assert os.readlink(os.path.join(deploy_to, "current")) == os.path.join("releases", good)
+
+
+# ---------------------------------------------------------------- CVE-2025-4517 on a real node
+
+
+def _realpath_limit_attack(dest, victim_dir, flag, newfile):
+    """
+    CPython's test_realpath_limit_attack (CVE-2025-4517), aimed from ``dest``
+    (where the node extracts) at ``victim_dir``: a dir/symlink chain whose
+    expansion overflows PATH_MAX, a link out of it, a hardlink to ``flag``
+    through that link, then the hardlink's name again as a file (overwrite),
+    and a new file through the link.
+    """
+    steps = "abcdefghijklmnop"
+    component = "d" * ((os.pathconf(os.path.dirname(dest), "PC_PATH_MAX") - len(dest) - 1) // (len(steps) + 1))
+    members, path = [], ""
+    for step in steps:
+        info = tarfile.TarInfo(os.path.join(path, component))
+        info.type, info.mode = tarfile.DIRTYPE, 0o777
+        members.append((info, None))
+        members.append(artifacts.special_member(os.path.join(path, step), tarfile.SYMTYPE, component))
+        path = os.path.join(path, component)
+    linkpath = os.path.join(*steps, "l" * 254)
+    up = os.path.relpath(victim_dir, os.path.dirname(dest))
+    members += [
+        artifacts.special_member(linkpath, tarfile.SYMTYPE, os.path.join(*[".."] * len(steps))),
+        artifacts.special_member("escape", tarfile.SYMTYPE, os.path.join(linkpath, "..", up)),
+        artifacts.special_member("flaglink", tarfile.LNKTYPE, os.path.join("escape", flag)),
+        artifacts.file_member("flaglink", b"overwritten by the artifact"),
+        artifacts.file_member(f"escape/{newfile}", b"written by the artifact"),
+    ]
+    return members
+
+
+def _victim(deploy_to):
+    """A file beside deploy_to (outside it) and the listing of that folder, to compare after."""
+    victim_dir = os.path.dirname(deploy_to)
+    flag = f"flag-{uuid.uuid4().hex}"
+    with open(os.path.join(victim_dir, flag), "w") as handle:
+        handle.write("original")
+    return victim_dir, flag, f"new-{uuid.uuid4().hex}"
+
+
+def _assert_victim_untouched(victim_dir, flag, newfile, before):
+    with open(os.path.join(victim_dir, flag)) as handle:
+        assert handle.read() == "original"
+    assert not os.path.lexists(os.path.join(victim_dir, newfile))
+    assert sorted(os.listdir(victim_dir)) == before
+
+
+def test_cve_2025_4517_artifact_is_refused_by_install(cluster, node):
+    deploy_to, good = node
+    victim_dir, flag, newfile = _victim(deploy_to)
+    before = sorted(os.listdir(victim_dir))
+    name = artifacts.fresh_name(PROJECT, "cve")
+    dest = os.path.join(deploy_to, "releases", f"{name}.partial")
+    url, sha = artifacts.stage(cluster, PROJECT, name, _realpath_limit_attack(dest, victim_dir, flag, newfile))
+    result = artifacts.install(cluster, MINION, PROJECT, name, url, sha)
+    # On main (tarfile's data filter, Python 3.11.7) this wrote both files beside deploy_to.
+    _assert_victim_untouched(victim_dir, flag, newfile, before)
+    assert result.returncode != 0, result
+    assert "refused to unpack" in str(result.data), result.data
+    _assert_untouched(deploy_to, good, name)
+
+
+def test_cve_2025_4517_delta_is_refused_and_the_full_artifact_used(cluster, node):
+    """The delta path uses the same extractor: a hostile delta is refused, the good full artifact installs."""
+    deploy_to, good = node
+    victim_dir, flag, newfile = _victim(deploy_to)
+    before = sorted(os.listdir(victim_dir))
+    name = artifacts.fresh_name(PROJECT, "delta")
+    url, sha = artifacts.stage(cluster, PROJECT, name, [artifacts.file_member("index.html", b"full\n")])
+    dest = os.path.join(deploy_to, "releases", f"{name}.partial")
+    doc = json.dumps({"base": good, "unchanged": {}}).encode()
+    hostile = [artifacts.file_member(".release-delta.json", doc)] + _realpath_limit_attack(
+        dest, victim_dir, flag, newfile)
+    delta_url, delta_sha = artifacts.stage(cluster, PROJECT, f"{name}.delta", hostile)
+    result = cluster.salt_cli.run(
+        "release.install", PROJECT, name, f"source={url}", f"source_hash={sha}", f"delta_source={delta_url}",
+        f"delta_hash={delta_sha}", f"base={good}", minion_tgt=MINION,
+    )
+    _assert_victim_untouched(victim_dir, flag, newfile, before)
+    assert result.returncode == 0, result
+    assert result.data["transfer"] == "full" and "refused" in result.data["delta_refused"], result.data
+    with open(os.path.join(deploy_to, "releases", name, "index.html")) as handle:
+        assert handle.read() == "full\n"
     assert os.readlink(os.path.join(deploy_to, "current")) == os.path.join("releases", good)

@@ -3,6 +3,7 @@
 import datetime
 
 import pytest
+
 import release_contract as contract
 
 BUILT = datetime.datetime(2026, 11, 26, 10, 15, 0, tzinfo=datetime.timezone.utc)
@@ -98,3 +99,41 @@ def test_phase_event_and_node_result_shapes():
     assert contract.node_result(False, error="x") == {
         "result": False, "release": None, "previous": None, "error": "x",
     }
+
+
+# ---------------------------------------------------------------- node returns (the runner's side)
+
+
+@pytest.mark.parametrize("kind, ret", [
+    ("list", contract.list_return(["a", "b"], "b", "a", [], "a")),
+    ("install", contract.install_return("r", "/srv/x/releases/r", False)),
+    ("install", contract.install_return("r", "/p", True, transfer="full", delta_refused="no delta offered",
+                                        staged=False)),
+    ("install", contract.install_return("r", "/p", True, transfer="delta", base="b", staged=True)),
+    ("activate", contract.activate_return("r", None) | {"reload": {"kind": None}, "duration_s": 0.1}),
+])
+def test_built_node_returns_validate(kind, ret):
+    assert contract.validate_return(kind, ret) == []
+
+
+def test_activate_return_says_whether_it_switched():
+    assert contract.activate_return("r", "r")["changed"] is False
+    assert contract.activate_return("r", "q") == {"result": True, "release": "r", "previous": "q", "changed": True}
+
+
+@pytest.mark.parametrize("kind, ret, problem", [
+    ("list", {"releases": [], "current": None}, "list return lacks 'bad'"),
+    ("install", {"result": True, "release": "r", "changed": "yes", "path": "/p"}, "'changed' is a str"),
+    ("install", {"result": True, "release": "r", "changed": True, "path": "/p", "transfer": "rsync"},
+     "transfer is 'rsync'"),
+    ("activate", {"result": True, "release": "r", "previous": None, "changed": 1}, "'changed' is a int"),
+    ("activate", {"result": True, "release": "r", "previous": None, "changed": True, "extra": 1},
+     "unknown key 'extra'"),
+    ("list", ["not", "a", "dict"], "must be a mapping"),
+])
+def test_bad_node_returns_are_named(kind, ret, problem):
+    assert any(problem in p for p in contract.validate_return(kind, ret)), contract.validate_return(kind, ret)
+
+
+def test_phases_constant_is_gone():
+    assert not hasattr(contract, "PHASES")

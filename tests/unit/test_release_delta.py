@@ -15,6 +15,7 @@ import _release_artifact as artifact
 import _release_prune as prune
 import release_contract as contract
 import release_delta as delta
+import release_unpack
 from tests.snapshots import snapshot
 
 BASE = "app_test_v1_master_2026-01-01_000000_dev"
@@ -48,9 +49,8 @@ def artifact_of(tmp_path, name, files):
 
 
 def unpack(tarball, dest):
-    os.mkdir(dest)
-    with tarfile.open(tarball) as tar:
-        tar.extractall(dest, filter="data")
+    """As a node unpacks a full artifact: the one safe extractor."""
+    release_unpack.extract(tarball, dest)
     return dest
 
 

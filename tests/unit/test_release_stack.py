@@ -5,8 +5,10 @@ import pwd
 import struct
 
 import pytest
-import release_stack as stack_mod
 from salt.exceptions import CommandExecutionError
+
+import release_fastcgi as fastcgi
+import release_stack as stack_mod
 
 
 @pytest.fixture
@@ -24,19 +26,19 @@ def module(tmp_path, monkeypatch):
     ("[::1]:9000", ("::1", 9000)),
 ])
 def test_address_forms(spec, expected):
-    assert stack_mod._address(spec) == expected
+    assert fastcgi.address(spec) == expected
 
 
 def test_address_rejects_nonsense():
     with pytest.raises(CommandExecutionError, match="host:port"):
-        stack_mod._address("localhost:http")
+        fastcgi.address("localhost:http")
 
 
 def test_fastcgi_pairs_use_four_byte_lengths_past_127():
-    short = stack_mod._fcgi_pair("A", "b")
+    short = fastcgi.pair("A", "b")
     assert short == b"\x01\x01Ab"
     long_value = "x" * 200
-    encoded = stack_mod._fcgi_pair("SCRIPT_FILENAME", long_value)
+    encoded = fastcgi.pair("SCRIPT_FILENAME", long_value)
     assert encoded[0] == 15
     assert struct.unpack("!I", encoded[1:5])[0] == 0x80000000 | 200
     assert encoded.endswith(long_value.encode())

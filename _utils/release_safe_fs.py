@@ -1,0 +1,59 @@
+"""
+Removing files under a directory an unprivileged user owns, as root,
+without following a link they may have planted: every step goes through
+directory descriptors opened with ``O_NOFOLLOW``.
+
+Standard library and Salt only.
+"""
+
+import os
+import stat
+
+from salt.exceptions import CommandExecutionError
+
+
+def open_dir(dir_fd, name):
+    """Open a directory below ``dir_fd`` without following a link (the app user owns these trees)."""
+    try:
+        return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise CommandExecutionError(f"{name} is not a plain directory, refusing to clean through it: {exc}")
+
+
+def remove(dir_fd, name):
+    """rm -rf of one entry, by descriptors: a link is removed, never followed."""
+    if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        for child in os.listdir(fd):
+            remove(fd, child)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def clean_below(base, parts, names):
+    """Remove ``names`` (None: everything) in base/parts...; returns what went."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts:
+            inner = open_dir(fd, part)
+            os.close(fd)
+            fd = inner
+            if fd is None:
+                return []
+        removed = []
+        for name in os.listdir(fd) if names is None else names:
+            try:
+                remove(fd, name)
+            except FileNotFoundError:
+                continue
+            removed.append("/".join(parts + (name,)))
+        return removed
+    finally:
+        if fd is not None:
+            os.close(fd)

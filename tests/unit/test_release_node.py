@@ -1,0 +1,105 @@
+"""
+The node side in process: ``release.install``, ``release.activate`` and
+``release.list`` (Salt dunders filled in by hand, artifacts built in a temp
+dir) return what the contract says, and the config dry run's staged tree is
+what install uses: one fetch and one unpack per node.
+"""
+
+import importlib.util
+import io
+import json
+import os
+import tarfile
+
+import pytest
+from salt.exceptions import CommandExecutionError
+
+import release_contract as contract
+import release_node as node
+from tests.conftest import REPO_ROOT
+
+NAME = "rainbow_test_v1.0.0_master_2026-11-26_101500_ops"
+NEWER = "rainbow_test_v1.1.0_master_2026-11-27_101500_ops"
+
+
+def artifact(tmp_path, name, extra=()):
+    fields = contract.parse_release_name(name)
+    manifest = {field: fields.get(field, "x") for field in contract.MANIFEST_FIELDS} | {"name": name}
+    path = str(tmp_path / f"{name}.tar.gz")
+    with tarfile.open(path, "w:gz") as tar:
+        for member, data in [(contract.MANIFEST_NAME, json.dumps(manifest).encode()),
+                             ("index.html", name.encode())] + list(extra):
+            info = tarfile.TarInfo(member)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return path, contract.sha256_file(path)
+
+
+@pytest.fixture
+def release(tmp_path):
+    spec = importlib.util.spec_from_file_location("release_under_test", os.path.join(REPO_ROOT, "_modules",
+                                                                                      "release.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fetched = []
+    module.__opts__ = {"cachedir": str(tmp_path / "cache"), "file_client": "local", "id": "web1"}
+    module.__pillar__ = {"release": {"rainbow": {"deploy_to": str(tmp_path / "srv"), "shared": ["storage"]}}}
+    module.__salt__ = {"cp.cache_file": lambda source: fetched.append(source) or source,
+                       "release_config.render": lambda *args, **kwargs: {"result": True, "files": {}}}
+    module.fetched = fetched
+    return module
+
+
+def test_install_activate_list_return_the_contract_shapes(release, tmp_path):
+    path, sha = artifact(tmp_path, NAME)
+    installed = release.install("rainbow", NAME, source=path, source_hash=sha)
+    assert contract.validate_return("install", installed) == [], installed
+    assert installed["transfer"] == "full" and installed["changed"] is True
+    again = release.install("rainbow", NAME, source=path, source_hash=sha)
+    assert contract.validate_return("install", again) == [] and again["changed"] is False
+    activated = release.activate("rainbow", NAME)
+    assert contract.validate_return("activate", activated) == [], activated
+    listed = release.list_("rainbow")
+    assert contract.validate_return("list", listed) == [], listed
+    assert listed["current"] == NAME and os.readlink(str(tmp_path / "srv" / "current")) == f"releases/{NAME}"
+
+
+def test_install_reuses_the_dry_runs_staged_tree(release, tmp_path):
+    path, sha = artifact(tmp_path, NAME)
+    settings = node.settings(release.__opts__, release.__pillar__, "rainbow")
+    tree = node.stage(release.__salt__, settings, NAME, path, sha)
+    assert oct(os.stat(os.path.dirname(tree)).st_mode & 0o777) == "0o700"
+    installed = release.install("rainbow", NAME, source=path, source_hash=sha)
+    assert installed["staged"] is True and release.fetched == [path], "one fetch per node, not two"
+    assert not os.path.exists(tree) and os.listdir(os.path.dirname(tree)) == []
+    with open(tmp_path / "srv" / "releases" / NAME / "index.html") as served:
+        assert served.read() == NAME
+
+
+def test_a_staged_tree_of_another_artifact_is_not_used(release, tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    path, sha = artifact(tmp_path / "one", NAME)
+    other, other_sha = artifact(tmp_path / "two", NAME, [("extra.txt", b"other")])
+    settings = node.settings(release.__opts__, release.__pillar__, "rainbow")
+    node.stage(release.__salt__, settings, NAME, path, sha)
+    installed = release.install("rainbow", NAME, source=other, source_hash=other_sha)
+    assert installed["staged"] is False and release.fetched == [path, other]
+    assert os.path.isfile(tmp_path / "srv" / "releases" / NAME / "extra.txt")
+    assert os.listdir(tmp_path / "srv" / node.STAGING_DIR) == [], "the unused staged tree is dropped"
+
+
+def test_hostile_artifact_leaves_nothing(release, tmp_path):
+    path, sha = artifact(tmp_path, NEWER, [("../escaped", b"x")])
+    with pytest.raises(CommandExecutionError, match="refused to unpack .*'..'"):
+        release.install("rainbow", NEWER, source=path, source_hash=sha)
+    assert not os.path.exists(tmp_path / "srv" / "escaped")
+    assert os.listdir(tmp_path / "srv" / "releases") == []
+
+
+def test_settings_fall_back_to_the_cache(release, tmp_path):
+    node.remember(release.__opts__, "rainbow", {"deploy_to": "/srv/cached", "user": "www-data"}, current="x")
+    assert node.settings(release.__opts__, {}, "rainbow")["deploy_to"] == "/srv/cached"
+    assert node.project_view(release.__opts__, {}, "rainbow")["user"] == "www-data"
+    with pytest.raises(CommandExecutionError, match="bad project name"):
+        node.settings(release.__opts__, {}, "../etc")
