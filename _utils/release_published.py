@@ -43,7 +43,7 @@ def record_published_release(state_dir, project, env, release, source, sha256, j
     doc = {
         "project": project, "env": env, "release": release, "source": source,
         "source_hash": f"sha256={sha256}", "jid": jid,
-        "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+        "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
     }
     path = os.path.join(_fleet_dir(state_dir), project, f"{env}.json")
     _write_atomically(path, json.dumps(doc, indent=1, sort_keys=True))
