@@ -2,8 +2,9 @@
 
 import os
 
-import _release_lock as locking
 import pytest
+
+import _release_lock as locking
 
 
 @pytest.fixture
@@ -60,7 +61,6 @@ def _salt_named_sleeper():
     """A real process whose cmdline holds 'salt', as a deploy's would."""
     import subprocess
     import sys
-
     import time
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "salt-run-holder"])
