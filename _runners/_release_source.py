@@ -18,6 +18,7 @@ import git
 
 REF_CHARS = re.compile(r"^[A-Za-z0-9._/-]+$")
 COMMIT_ID = re.compile(r"^[0-9a-fA-F]{7,40}$")
+QUALIFIED = ("refs/heads/", "refs/tags/")
 # setuid, setgid, sticky, group write, other write
 SAFE_MODE_STRIP = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWGRP | stat.S_IWOTH
 
@@ -69,18 +70,32 @@ def update_mirror(state_dir, project, url):
 
 def resolve(repo, ref):
     """
-    Resolve a validated ref to ``(commit, branch)``: a branch first, then a
-    tag, then a commit id; ``branch`` is ``detached`` for a bare commit.
+    Resolve a validated ref to ``(commit, short, full_ref)``: ``refs/heads/x``
+    and ``refs/tags/x`` name exactly one ref; a bare name must be a branch or
+    a tag but not both (then the caller must say which); else a commit id,
+    full or abbreviated. ``short`` is the branch or tag name (``detached``
+    for a commit), ``full_ref`` what was deployed (the commit for a commit).
     """
-    for qualified in (f"refs/heads/{ref}", f"refs/tags/{ref}"):
-        commit = _commit_of(repo, qualified)
-        if commit:
-            return commit, ref
-    if COMMIT_ID.match(ref):
-        commit = _commit_of(repo, ref.lower())
-        if commit:
-            return commit, "detached"
+    if ref.startswith("refs/"):
+        if not ref.startswith(QUALIFIED):
+            raise SourceError(f"ref {ref!r}: only refs/heads/<branch> and refs/tags/<tag> may be deployed")
+        return _exact(repo, ref, ref.split("/", 2)[2])
+    found = [qualified for qualified in (f"refs/heads/{ref}", f"refs/tags/{ref}") if _commit_of(repo, qualified)]
+    if len(found) == 2:
+        raise SourceError(f"ref {ref!r} is both a branch and a tag: pass {found[0]} or {found[1]}")
+    if found:
+        return _exact(repo, found[0], ref)
+    commit = _commit_of(repo, ref.lower()) if COMMIT_ID.match(ref) else None
+    if commit and commit.startswith(ref.lower()):
+        return commit, "detached", commit
     raise SourceError(f"ref {ref!r} is not a branch, tag or commit of the repository")
+
+
+def _exact(repo, qualified, short):
+    commit = _commit_of(repo, qualified)
+    if not commit:
+        raise SourceError(f"ref {qualified!r} is not in the repository")
+    return commit, short, qualified
 
 
 def describe(repo, commit):

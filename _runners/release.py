@@ -109,6 +109,7 @@ class Run:
     started: float = dataclasses.field(default_factory=time.monotonic)
     commit: str = None
     branch: str = None
+    full_ref: str = None  # refs/heads/x, refs/tags/x, or the commit itself
     version: str = None
     name: str = None
     tree: str = None
@@ -230,7 +231,7 @@ def fetch(run):
     try:
         ref = source.validate_ref(run.ref)
         repo = source.update_mirror(run.state_dir, run.project, run.config["repo"])
-        run.commit, run.branch = source.resolve(repo, ref)
+        run.commit, run.branch, run.full_ref = source.resolve(repo, ref)
         run.version = source.describe(repo, run.commit)
     except source.SourceError as exc:
         raise DeployError(str(exc))
@@ -267,7 +268,7 @@ def package(run):
     built_at = _name(run)
     doc = {
         "name": run.name, "project": run.project, "env": run.env, "ref": run.ref,
-        "commit": run.commit, "version": run.version, "branch": run.branch,
+        "commit": run.commit, "version": run.version, "branch": run.branch, "full_ref": run.full_ref,
         "author": run.author, "built_at": built_at.isoformat(timespec="seconds"),
     }
     run.tarball = os.path.join(run.builds, f"{run.name}.tar.gz")
