@@ -51,6 +51,7 @@ import _release_recover as recovery
 import _release_report as report_page
 import _release_retain as retain
 import _release_rollout as rollout
+import _release_sandbox as sandbox
 import _release_source as source
 import _release_stats as stats_lib
 import _release_store as store
@@ -1045,7 +1046,8 @@ def _commands(run, key):
         return
     timeout_s = run.config.get("build_timeout_s", DEFAULT_BUILD_TIMEOUT_S)
     try:
-        run.output[key] = artifact.run_commands(commands, run.tree, key, timeout_s)
+        jail = sandbox.jail_for(run.config, _release_opts(), __opts__)
+        run.output[key] = artifact.run_commands(commands, run.tree, key, timeout_s, jail=jail)
     except artifact.ArtifactError as exc:
         # Keep the tail under the config key ("checks"), as a passing run does.
         run.output[key] = exc.tail
