@@ -43,7 +43,8 @@ class Jail:
 
     user: str = DEFAULT_USER
     mode: str = "auto"
-    hidden: list = dataclasses.field(default_factory=list)
+    hidden: list = dataclasses.field(default_factory=list)  # emptied under bwrap
+    secret: list = dataclasses.field(default_factory=list)  # without bwrap: must be closed to others
     output_kib: int = DEFAULT_OUTPUT_KIB
     state_dir: str = None  # kept 0700: other projects' mirrors, trees and the history live there
 
@@ -53,13 +54,16 @@ def jail_for(project_config, release_conf, opts):
     def pick(key, default):
         return project_config.get(key) or release_conf.get(key) or default
 
-    hidden = [os.path.dirname(opts.get("conf_file") or "/etc/salt/master"), "/etc/salt",
-              opts.get("pki_dir"), opts.get("cachedir"), release_conf.get("state_dir"),
-              release_conf.get("artifact_root")]
+    secret = [os.path.dirname(opts.get("conf_file") or "/etc/salt/master"), "/etc/salt",
+              opts.get("pki_dir"), opts.get("cachedir"), release_conf.get("state_dir")]
     return Jail(user=str(pick("build_user", DEFAULT_USER)), mode=str(pick("build_sandbox", "auto")),
-                hidden=sorted({os.path.realpath(p) for p in hidden if p}),
+                hidden=_real(secret + [release_conf.get("artifact_root")]), secret=_real(secret),
                 output_kib=int(pick("build_output_kib", DEFAULT_OUTPUT_KIB)),
                 state_dir=release_conf.get("state_dir"))
+
+
+def _real(paths):
+    return sorted({os.path.realpath(p) for p in paths if p})
 
 
 def run(jail, command, tree, timeout_s):
@@ -74,7 +78,7 @@ def run(jail, command, tree, timeout_s):
     if jail.state_dir and os.path.isdir(jail.state_dir):
         os.chmod(jail.state_dir, 0o700)
     if mode == "none" and account:
-        _refuse_exposed(jail.hidden)
+        _refuse_exposed(jail.secret)
     with tempfile.TemporaryDirectory(prefix="release-build-") as home:
         if account:
             os.chown(home, account.pw_uid, account.pw_gid)
