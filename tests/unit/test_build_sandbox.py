@@ -89,7 +89,8 @@ def test_a_build_runs_as_the_build_user_in_a_clean_env_and_root_gets_the_tree_ba
                                                                     "SHLVL", "_", "OLDPWD"}
     assert "PATH=/usr/local/bin:/usr/bin:/bin" in out
     built = os.path.join(master["tree"], "BUILD")
-    assert open(built).read() == "built\n"
+    with open(built) as handle:
+        assert handle.read() == "built\n"
     for path in (master["tree"], built):
         assert os.lstat(path).st_uid == 0 and os.lstat(path).st_gid == 0
     assert stat.S_IMODE(os.stat(master["state"]).st_mode) == 0o700
