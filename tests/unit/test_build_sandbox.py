@@ -127,3 +127,18 @@ def dataclass_replace(jail, **changes):
     import dataclasses
 
     return dataclasses.replace(jail, **changes)
+
+
+@pytest.mark.skipif("bwrap" not in MODES, reason="bubblewrap is not installed")
+def test_bwrap_hides_the_secret_places_even_when_their_modes_are_open(master):
+    for folder in ("etc", "pki", "cache"):
+        os.chmod(master[folder], 0o755)
+    for path in master["files"].values():
+        command = f"cat {path}"
+        with pytest.raises(artifact.ArtifactError) as caught:
+            artifact.run_commands([command], master["tree"], "build", 30, jail=_jail(master, "bwrap"))
+        assert SECRET not in caught.value.tail
+    # The same reads as the build user without the sandbox would succeed: the tmpfs is what stops them.
+    out = artifact.run_commands([f"cat {master['files']['config']}"], master["tree"], "build", 30,
+                                jail=sandbox.Jail(user=sandbox.DEFAULT_USER, mode="none"))
+    assert SECRET in out
