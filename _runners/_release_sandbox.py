@@ -18,6 +18,7 @@ The build tree is handed to the build user for the run and taken back by
 root (``lchown``, links not followed) before anything packages it.
 """
 
+import contextlib
 import dataclasses
 import os
 import pwd
@@ -26,6 +27,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 
 DEFAULT_USER = "salt-release-build"
 CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -168,17 +170,33 @@ def _reachable_by_others(path):
 
 
 def _supervise(argv, tree, env, account, timeout_s, cap):
-    """Start in ``tree`` (chdir happens as root, before any uid drop) in a new session; cap the output."""
+    """
+    Start in ``tree`` (chdir happens as root, before any uid drop) in a new
+    session, keep only the last ``cap`` bytes of output while it runs, and
+    kill the whole process group when it ends or runs over: nothing it
+    started outlives it.
+    """
     proc = subprocess.Popen(argv, cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    kept, seen = bytearray(), [0]
+    reader = threading.Thread(target=_drain, args=(proc.stdout, kept, seen, cap), daemon=True)
+    reader.start()
     try:
-        out, _ = proc.communicate(timeout=timeout_s)
-        code, note = proc.returncode, ""
+        code, note = proc.wait(timeout=timeout_s), ""
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
         code, note = None, f"killed after {timeout_s} s"
-    if len(out) > cap:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    reader.join(timeout=10)
+    if seen[0] > cap:
         note = "; ".join(filter(None, [note, f"output cut to its last {cap // 1024} KiB"]))
-        out = out[-cap:]
-    return code, out.decode("utf-8", "replace"), note
+    return code, bytes(kept[-cap:]).decode("utf-8", "replace"), note
+
+
+def _drain(stream, kept, seen, cap):
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        kept.extend(chunk)
+        seen[0] += len(chunk)
+        if len(kept) > 2 * cap:
+            del kept[:-cap]
