@@ -12,10 +12,10 @@ import io
 import json
 import os
 import stat
-import subprocess
 import tarfile
 import time
 
+import _release_sandbox as sandbox
 import release_contract as contract
 import release_delta as delta
 
@@ -30,25 +30,37 @@ class ArtifactError(Exception):
         self.tail = tail
 
 
-def run_commands(commands, cwd, what, timeout_s):
+def run_commands(commands, cwd, what, timeout_s, jail=None):
     """
-    Run each shell command in ``cwd``; the first non-zero exit aborts with the
-    tail of its output. Returns the tail of the combined output.
+    Run each shell command in ``cwd`` under ``jail`` (default: the dedicated
+    build user, bubblewrap when installed; see ``_release_sandbox``); the
+    first non-zero exit or timeout aborts with the tail of its output.
+    Returns the tail of the combined output. The tree belongs to the build
+    user only while the commands run.
     """
+    jail = jail or sandbox.Jail()
+    try:
+        sandbox.hand_over(cwd, sandbox.build_account(jail.user))
+    except sandbox.SandboxError as exc:
+        raise ArtifactError(f"{what}: {exc}")
+    try:
+        return _run_each(commands, cwd, what, timeout_s, jail)
+    finally:
+        sandbox.take_back(cwd)
+
+
+def _run_each(commands, cwd, what, timeout_s, jail):
     tail = []
     for command in commands or []:
         try:
-            done = subprocess.run(
-                command, shell=True, cwd=cwd, capture_output=True, text=True,
-                timeout=timeout_s, check=False, stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            raise ArtifactError(f"{what} command {command!r} ran over {timeout_s} s")
-        tail = (tail + (done.stdout + done.stderr).splitlines())[-OUTPUT_TAIL_LINES:]
-        if done.returncode != 0:
-            raise ArtifactError(
-                f"{what} command {command!r} exited {done.returncode}", "\n".join(tail)
-            )
+            code, output, note = sandbox.run(jail, command, cwd, timeout_s)
+        except sandbox.SandboxError as exc:
+            raise ArtifactError(f"{what}: {exc}")
+        tail = (tail + output.splitlines() + ([f"[{note}]"] if note else []))[-OUTPUT_TAIL_LINES:]
+        if code is None:
+            raise ArtifactError(f"{what} command {command!r} ran over {timeout_s} s", "\n".join(tail))
+        if code != 0:
+            raise ArtifactError(f"{what} command {command!r} exited {code}", "\n".join(tail))
     return "\n".join(tail)
 
 

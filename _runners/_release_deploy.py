@@ -25,6 +25,7 @@ import _release_fleet as fleet
 import _release_prune as prune_lib
 import _release_rollout as rollout_lib
 import _release_run as runs
+import _release_sandbox as sandbox
 import _release_source as source
 import _release_store as store
 import _release_switch as switch
@@ -52,7 +53,7 @@ def fetch(run):
     try:
         ref = source.validate_ref(run.ref)
         repo = source.update_mirror(run.state_dir, run.project, run.config["repo"])
-        run.commit, run.ref_name = source.resolve(repo, ref)
+        run.commit, run.ref_name, run.full_ref = source.resolve(repo, ref)
         run.version = source.describe(repo, run.commit)
     except source.SourceError as exc:
         raise DeployError(str(exc))
@@ -89,7 +90,7 @@ def package(run):
     built_at = name_release(run)
     doc = {
         "name": run.name, "project": run.project, "env": run.env, "ref": run.ref,
-        "commit": run.commit, "version": run.version, "branch": run.ref_name,
+        "commit": run.commit, "version": run.version, "branch": run.ref_name, "full_ref": run.full_ref,
         "author": run.author, "built_at": built_at.isoformat(timespec="seconds"),
     }
     run.tarball = os.path.join(run.builds, f"{run.name}.tar.gz")
@@ -263,7 +264,8 @@ def _commands(run, key):
     if not commands:
         return
     try:
-        run.output[key] = artifact.run_commands(commands, run.tree, key, run.config["build_timeout_s"])
+        jail = sandbox.jail_for(run.config, run.conf, run.opts)
+        run.output[key] = artifact.run_commands(commands, run.tree, key, run.config["build_timeout_s"], jail=jail)
     except artifact.ArtifactError as exc:
         # Keep the tail under the config key ("checks"), as a passing run does.
         run.output[key] = exc.tail

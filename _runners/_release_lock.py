@@ -120,16 +120,16 @@ def remove(path):
 
 def holder_alive(owner, ttl_s):
     """
-    Whether the lock's holder may still be running. On this host the holder's
-    pid must exist and be a salt process; a holder on another host is taken as
-    alive until the lock is older than ``ttl_s``.
+    Whether the lock's holder may still be running. On this host the answer
+    is the holder's pid alone (it must exist and be a salt process), whatever
+    the lock's age: a long deploy is still a deploy. Only a holder on another
+    host, whose pid cannot be checked, is taken as dead once the lock is older
+    than ``ttl_s``.
     """
     if not owner or owner.get("token") is None:
         return False
-    if time.time() - float(owner.get("since_epoch") or 0) > ttl_s:
-        return False
     if owner.get("host") != socket.gethostname():
-        return True
+        return time.time() - float(owner.get("since_epoch") or 0) <= ttl_s
     try:
         with open(f"/proc/{int(owner.get('pid'))}/cmdline", "rb") as handle:
             return b"salt" in handle.read()

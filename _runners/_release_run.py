@@ -54,6 +54,7 @@ class Run:
     started: float = dataclasses.field(default_factory=time.monotonic)
     commit: str = None
     ref_name: str = None  # the branch or tag the ref names (a release name field)
+    full_ref: str = None  # refs/heads/x, refs/tags/x, or the commit itself
     version: str = None
     name: str = None
     tree: str = None

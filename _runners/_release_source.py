@@ -7,16 +7,20 @@ validated strictly, then only used inside fully qualified names such as
 ``refs/heads/<ref>``, which cannot be read as an option.
 """
 
-import io
 import os
 import re
+import shutil
+import stat
 import subprocess
-import tarfile
+import tempfile
 
 import git
 
 REF_CHARS = re.compile(r"^[A-Za-z0-9._/-]+$")
 COMMIT_ID = re.compile(r"^[0-9a-fA-F]{7,40}$")
+QUALIFIED = ("refs/heads/", "refs/tags/")
+# setuid, setgid, sticky, group write, other write
+SAFE_MODE_STRIP = stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX | stat.S_IWGRP | stat.S_IWOTH
 
 
 class SourceError(Exception):
@@ -66,18 +70,32 @@ def update_mirror(state_dir, project, url):
 
 def resolve(repo, ref):
     """
-    Resolve a validated ref to ``(commit, branch)``: a branch first, then a
-    tag, then a commit id; ``branch`` is ``detached`` for a bare commit.
+    Resolve a validated ref to ``(commit, short, full_ref)``: ``refs/heads/x``
+    and ``refs/tags/x`` name exactly one ref; a bare name must be a branch or
+    a tag but not both (then the caller must say which); else a commit id,
+    full or abbreviated. ``short`` is the branch or tag name (``detached``
+    for a commit), ``full_ref`` what was deployed (the commit for a commit).
     """
-    for qualified in (f"refs/heads/{ref}", f"refs/tags/{ref}"):
-        commit = _commit_of(repo, qualified)
-        if commit:
-            return commit, ref
-    if COMMIT_ID.match(ref):
-        commit = _commit_of(repo, ref.lower())
-        if commit:
-            return commit, "detached"
+    if ref.startswith("refs/"):
+        if not ref.startswith(QUALIFIED):
+            raise SourceError(f"ref {ref!r}: only refs/heads/<branch> and refs/tags/<tag> may be deployed")
+        return _exact(repo, ref, ref.split("/", 2)[2])
+    found = [qualified for qualified in (f"refs/heads/{ref}", f"refs/tags/{ref}") if _commit_of(repo, qualified)]
+    if len(found) == 2:
+        raise SourceError(f"ref {ref!r} is both a branch and a tag: pass {found[0]} or {found[1]}")
+    if found:
+        return _exact(repo, found[0], ref)
+    commit = _commit_of(repo, ref.lower()) if COMMIT_ID.match(ref) else None
+    if commit and commit.startswith(ref.lower()):
+        return commit, "detached", commit
     raise SourceError(f"ref {ref!r} is not a branch, tag or commit of the repository")
+
+
+def _exact(repo, qualified, short):
+    commit = _commit_of(repo, qualified)
+    if not commit:
+        raise SourceError(f"ref {qualified!r} is not in the repository")
+    return commit, short, qualified
 
 
 def describe(repo, commit):
@@ -86,16 +104,68 @@ def describe(repo, commit):
 
 
 def export(repo, commit, dest):
-    """Write the tree at ``commit`` into ``dest`` (no .git), refusing links that leave it."""
-    stream = io.BytesIO()
-    repo.archive(stream, treeish=commit, format="tar")
-    stream.seek(0)
-    os.makedirs(dest)
+    """
+    Write the tree at ``commit`` into the new folder ``dest`` (no .git) with
+    git's own checkout, never through tar: git refuses to write through a
+    symlink it has checked out, so a tree shaped to escape (CVE-2025-4517:
+    a link chain plus a repeated name) cannot. Then every link must stay
+    inside, only files, folders and links may exist, and no mode keeps
+    setuid/setgid/sticky or group/other write. Any breach: ``dest`` is removed.
+    """
+    os.makedirs(dest, mode=0o700)
     try:
-        with tarfile.open(fileobj=stream) as tar:
-            tar.extractall(dest, filter="data")
-    except tarfile.TarError as exc:
-        raise SourceError(f"commit {commit[:12]} holds a path that may not be exported: {exc}")
+        _refuse_repeated_names(repo, commit)
+        _checkout(repo, commit, dest)
+        _screen_tree(dest)
+    except SourceError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise SourceError(f"commit {commit[:12]}: refused export: {exc}")
+
+
+def _checkout(repo, commit, dest):
+    """``git read-tree`` + ``checkout-index`` into ``dest`` with a throwaway index; never touches the mirror's."""
+    with tempfile.TemporaryDirectory(prefix="release-index-") as scratch:
+        env = dict(os.environ, GIT_INDEX_FILE=os.path.join(scratch, "index"))
+        for args in (["read-tree", "--end-of-options", commit],
+                     ["--work-tree", dest, "checkout-index", "--all", "--force"]):
+            done = subprocess.run(["git", "--git-dir", repo.git_dir, *args], env=env, cwd=scratch,
+                                  capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                raise SourceError(f"git {args[0] if args[0] != '--work-tree' else 'checkout-index'} "
+                                  f"failed: {_last_line(done.stderr)}")
+
+
+def _refuse_repeated_names(repo, commit):
+    """
+    A path twice in one tree (a link and a folder both named ``x``) is what
+    ``git fsck`` calls duplicateEntries: never made by git itself, only by
+    hand, to have one entry written through the other. Refuse it outright.
+    """
+    listing = repo.git.ls_tree("-r", "-t", "-z", "--full-tree", "--end-of-options", commit)
+    seen = set()
+    for entry in filter(None, listing.split("\0")):
+        path = entry.split("\t", 1)[1]
+        if path in seen:
+            raise SourceError(f"{path!r} appears twice in the tree (a crafted commit)")
+        seen.add(path)
+
+
+def _screen_tree(dest):
+    """Refuse links leaving ``dest`` and anything but files, folders and links; strip risky mode bits."""
+    top = os.path.realpath(dest)
+    for root, dirs, files in os.walk(dest):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, dest)
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                target = os.path.realpath(path)
+                if target != top and not target.startswith(top + os.sep):
+                    raise SourceError(f"{rel!r} links to {os.readlink(path)!r}, outside the tree")
+            elif stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode):
+                os.chmod(path, stat.S_IMODE(info.st_mode) & ~SAFE_MODE_STRIP, follow_symlinks=False)
+            else:
+                raise SourceError(f"{rel!r} is not a file, folder or link")
 
 
 def _commit_of(repo, name):

@@ -113,6 +113,7 @@ def test_name_and_manifest_follow_the_rules(cluster, app_repo, tag_deploy):
     assert manifest["commit"] == app_repo.head("v1.0.0")
     assert (manifest["project"], manifest["env"], manifest["ref"]) == ("rainbow", "test", "v1.0.0")
     assert (manifest["version"], manifest["branch"], manifest["author"]) == ("v1.0.0", "v1.0.0", "Jane Doe")
+    assert manifest["full_ref"] == "refs/tags/v1.0.0"
     # Each node holds the same manifest, and the built tree (make dist ran on the master).
     for minion in MINIONS:
         release_dir = os.path.join(cluster.deploy_to(minion), "releases", name)

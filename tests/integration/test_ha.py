@@ -149,6 +149,7 @@ def ha(salt_factories, app_repo, tmp_path_factory):
             "held": project_config(
                 app_repo.path, checks=[], environments={"one": {"target": "h8-web1"}},
                 build=[f"for i in $(seq 300); do test -f {flags}/go && break; sleep 0.2; done", "make dist"],
+                build_user="root", build_sandbox="none",  # the build waits on a flag under the test's private tmp
             ),
             "viahttp": project_config(app_repo.path, checks=[], artifact_url=artifact_url,
                                       environments={"all": {"target": "h8-web*"}}),

@@ -185,6 +185,7 @@ def rollout_cluster(salt_factories, app_repo, tmp_path_factory, app_ports, nginx
             "stagebad": project_config(app_repo.path, environments={"pro": environment(app_ports)}),
             "slow": project_config(
                 app_repo.path, build=[f"test -f {flags}/fast || sleep 25"], checks=[],
+                build_user="root", build_sandbox="none",  # the build reads a flag under the test's private tmp
                 environments={"one": {"target": "m4-web1"}},
             ),
         },
