@@ -70,7 +70,7 @@ DEFAULT_INSTALL_TIMEOUT_S = 300
 DEFAULT_TIMEOUT_S = 60
 DEFAULT_LOCK_TTL_S = 6 * 3600
 # Node phases the conductor drives from the master; the nodes report install and activate themselves.
-CONDUCTOR_PHASES = ("drain", "verify", "undrain")
+CONDUCTOR_PHASES = ("drain", "verify", "undrain", "readback")
 
 
 def __virtual__():
@@ -900,7 +900,7 @@ def _reporter(run):
         )
         # duration_s: the time this node's phases took in this run, all phases together.
         node.update(phase=phase, duration_s=round((node.get("duration_s") or 0) + (duration_s or 0), 3))
-        if ok and phase in ("activate", "rollback"):
+        if ok and phase in ("activate", "rollback") or phase == "readback":  # readback: what the node runs
             node["release"] = release
         if ok and phase == "rollback":
             node.update(result=False, rolled_back=True)
@@ -908,7 +908,7 @@ def _reporter(run):
         if not ok:
             node.update(result=False, error=error)
         run.records.node_phase(run.record_id, minion, phase, store.now(), duration_s, ok, error)
-        if phase in CONDUCTOR_PHASES or not ok and str(error).startswith("no answer"):
+        if phase in CONDUCTOR_PHASES or not ok and fleet.unreachable(error):
             _fire(run, (minion, phase), contract.phase_event(release, ok, duration_s or 0, error))
 
     return report
