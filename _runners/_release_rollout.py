@@ -378,8 +378,8 @@ class Rollout:
                 self.report(minion, "readback", True, time.monotonic() - started, None, value)
             else:
                 self.report(minion, "readback", False, time.monotonic() - started,
-                            f"{self.errors.get(minion)}; its release is unknown (cannot read it back: {value}), "
-                            "kept out of the load balancer", None)
+                            f"{self.errors.get(minion)}; its release is unknown (cannot read it back: {value})",
+                            None)
         return running
 
     def _check(self, minion, release):
