@@ -89,7 +89,8 @@ def faults(salt_factories, app_repo, tmp_path_factory, app_ports, nginx):
     nodes_root = tmp_path_factory.mktemp("f3nodes")
     file_root = make_file_root(str(tmp_path_factory.mktemp("f3files") / "base"))
     environments = {p: environment(nginx) for p in PROJECTS}
-    environments["wavebad"] = environment(nginx, waves=WAVES)
+    # Waves with their own batches; the environment's batch is left at its default of 100%.
+    environments["wavebad"] = {k: v for k, v in environment(nginx, waves=WAVES).items() if k != "batch"}
     release_config = {
         "artifact_root": os.path.join(file_root, "releases"),
         "state_dir": str(tmp_path_factory.mktemp("f3state")),
@@ -220,7 +221,9 @@ def test_operator_down_stays_down_after_a_deploy(faults, app_ports, nginx):
 
 def test_reload_failure_after_the_switch_is_read_back(faults, app_ports, nginx):
     old = first_release(faults, "readback")
+    started = time.monotonic()
     result, ret = deploy(faults, "readback", "v1.1.0")
+    print(f"stack reload failure after the switch on f3-web2: consistent after {time.monotonic() - started:.1f} s")
     assert result.returncode != 0 and ret["result"] is False
     node = ret["nodes"]["f3-web2"]
     # Whatever the node did after its reload failed, the return says what it runs now.
