@@ -259,6 +259,7 @@ def test_stopped_minion_fails_fast_and_is_named(faults, app_ports, nginx):
           f"rollback in {rollback_s:.1f} s (runner {back['duration_s']} s, switch {back.get('switch_s')} s)")
     assert result.returncode != 0 and "f3-web3" in back["error"], back
     assert "did not answer a presence probe" in back["nodes"]["f3-web3"]["error"]
+    assert back["nodes"]["f3-web3"]["release"] is None, "unreadable: reported unknown, not assumed"
     assert deploy_s < 30 and rollback_s < 30
     assert current(faults, "f3-web1", "gone") == old and current(faults, "f3-web2", "gone") == old
     assert current(faults, "f3-web3", "gone") == second["release"]
