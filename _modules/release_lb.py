@@ -5,8 +5,11 @@ minion.
 ``kind: nginx``: the upstream include holds one ``server <backend>[ params];``
 line per app node. Draining marks a backend ``down``: the new file is written
 to a temp file, renamed over the old one, checked with ``nginx -t`` and made
-live with a reload; when the check fails the previous file is put back and the
-step fails, so a bad edit never reaches the running nginx.
+live with a reload; when the check or the reload fails the previous file is
+put back and the step fails, so the file never says what the running nginx
+does not serve. Each call returns the backends it changed: a backend an
+operator marked ``down`` by hand is not one a drain changed, so whoever
+undrains only what it drained leaves it down.
 
 Other kinds (HAProxy's runtime API is the obvious next) go behind the same
 two calls, ``drain`` and ``undrain``.
@@ -34,6 +37,8 @@ def __virtual__():
 def drain(upstream_file, backends, kind="nginx", test_cmd=None, reload_cmd=None):
     """
     Mark each backend ``down`` in the upstream file and reload the balancer.
+    ``drained`` in the return lists the backends this call took out (those
+    already down, by an operator or an earlier drain, are not in it).
 
     CLI Example:
 
@@ -47,6 +52,7 @@ def drain(upstream_file, backends, kind="nginx", test_cmd=None, reload_cmd=None)
 def undrain(upstream_file, backends, kind="nginx", test_cmd=None, reload_cmd=None):
     """
     Put each backend back into service (drop its ``down`` flag) and reload.
+    ``undrained`` in the return lists the backends this call put back.
 
     CLI Example:
 
@@ -71,24 +77,34 @@ def status(upstream_file):
 
 
 def _set_down(upstream_file, backends, down, kind, test_cmd, reload_cmd):
+    """
+    The edit both calls make. The return names the backends this call
+    changed (``drained``: were up, now down; ``undrained``: the reverse), so
+    the caller can put back exactly what it took out and leave an operator's
+    own ``down`` alone.
+    """
     if kind != "nginx":
         raise CommandExecutionError(f"load balancer kind {kind!r} is not supported (only nginx)")
     backends = [backends] if isinstance(backends, str) else list(backends)
     old_text = _read(upstream_file)
-    missing = [b for b in backends if b not in _servers(old_text)]
+    servers = _servers(old_text)
+    missing = [b for b in backends if b not in servers]
     if missing:
         raise CommandExecutionError(f"{upstream_file} has no server line for {', '.join(missing)}")
-    new_text = _with_down(old_text, set(backends), down)
-    if new_text == old_text:
-        return {"result": True, "changed": False, "backends": backends}
-    _replace(upstream_file, new_text)
+    changed = [b for b in backends if servers[b] != down]
+    ret = {"result": True, "changed": bool(changed), "backends": backends,
+           "drained" if down else "undrained": changed}
+    if not changed:
+        return ret
+    _replace(upstream_file, _with_down(old_text, set(changed), down))
     try:
         _run(test_cmd or DEFAULT_TEST_CMD, "nginx configuration check")
+        _run(reload_cmd or DEFAULT_RELOAD_CMD, "nginx reload")
     except CommandExecutionError:
+        # The running nginx still has the old file's servers: the file says so again.
         _replace(upstream_file, old_text)
         raise
-    _run(reload_cmd or DEFAULT_RELOAD_CMD, "nginx reload")
-    return {"result": True, "changed": True, "backends": backends}
+    return ret
 
 
 def _read(path):

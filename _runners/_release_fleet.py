@@ -8,11 +8,15 @@ batches for certain, and Salt's batch failhard has a history of not doing so.
 
 import math
 import re
+import time
 
 import salt.client
 import salt.utils.minions
 
 PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+DEFAULT_PRESENCE_TIMEOUT_S = 3
+NO_ANSWER = "no answer"
+PROBE_UNANSWERED = "did not answer a presence probe"
 
 
 class FleetError(Exception):
@@ -51,22 +55,63 @@ def batches(minions, spec):
     return [minions[i:i + size] for i in range(0, len(minions), size)]
 
 
-def run_on(opts, minions, fun, arg=(), kwarg=None, timeout_s=60):
+def run_on(opts, minions, fun, arg=(), kwarg=None, timeout_s=60, presence_timeout_s=DEFAULT_PRESENCE_TIMEOUT_S):
     """
     Run ``fun`` on each minion at once; returns ``{minion: (ok, value)}`` with
     every minion present: one that did not answer is ``(False, message)``.
+
+    A presence probe goes first (``presence_timeout_s``; 0 or None skips it):
+    a stopped minion fails at once instead of costing the whole ``timeout_s``
+    plus Salt's job lookups, and ``fun`` runs only where a minion answered.
     """
+    minions = list(minions)
+    absent = set()
+    if presence_timeout_s and minions:
+        absent = set(minions) - present(opts, minions, presence_timeout_s)
+    here = [m for m in minions if m not in absent]
+    returns = {}
+    if here:
+        with salt.client.LocalClient(mopts=opts) as client:
+            returns = client.cmd(
+                here, fun, arg=list(arg), kwarg=kwarg or {}, tgt_type="list",
+                timeout=timeout_s, full_return=True,
+            )
+    return {
+        minion: (False, f"{minion} {PROBE_UNANSWERED} within {presence_timeout_s} s")
+        if minion in absent else _outcome(returns.get(minion), timeout_s)
+        for minion in minions
+    }
+
+
+def present(opts, minions, timeout_s):
+    """
+    The minions that answer ``test.ping`` within ``timeout_s``: one publish
+    and the returns read off the bus until all answered or time is up (no
+    ``saltutil.find_job`` round after it, which is what makes a stopped minion
+    cost a full gather_job_timeout more in ``LocalClient.cmd``).
+    """
+    wanted, answered = set(minions), set()
+    deadline = time.monotonic() + float(timeout_s)
     with salt.client.LocalClient(mopts=opts) as client:
-        returns = client.cmd(
-            list(minions), fun, arg=list(arg), kwarg=kwarg or {}, tgt_type="list",
-            timeout=timeout_s, full_return=True,
-        )
-    return {minion: _outcome(returns.get(minion), timeout_s) for minion in minions}
+        pub = client.run_job(list(wanted), "test.ping", tgt_type="list", timeout=timeout_s, listen=True)
+        if not pub:
+            return answered
+        for raw in client.get_returns_no_block(f"salt/job/{pub['jid']}/ret/", "startswith"):
+            if raw and raw.get("data", {}).get("return") is True:
+                answered.add(raw["data"].get("id"))
+            if answered >= wanted or time.monotonic() > deadline:
+                break
+    return answered & wanted
+
+
+def unreachable(error):
+    """Whether a failure message of ``run_on`` says the minion did not answer at all."""
+    return str(error).startswith(NO_ANSWER) or PROBE_UNANSWERED in str(error)
 
 
 def _outcome(full, timeout_s):
     if not isinstance(full, dict) or "ret" not in full:
-        return False, f"no answer within {timeout_s} s (minion down or unreachable)"
+        return False, f"{NO_ANSWER} within {timeout_s} s (minion down or unreachable)"
     value = full["ret"]
     if full.get("retcode", 0) != 0 or full.get("success") is False:
         return False, _error_text(value)

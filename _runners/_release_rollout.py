@@ -7,8 +7,15 @@ batch, each node going through
 A node passes ``verify`` only when it serves the release it was switched to.
 Failures beyond a wave's budget stop the rollout (no later batch or wave
 starts); with ``auto_rollback`` every node already switched goes back through
-the same steps. A node that failed never goes back into the load balancer on
-a bad release.
+the same steps, in its own wave's batches, so a rollback keeps as many nodes
+in service as the rollout did. A node that failed never goes back into the
+load balancer until it passes its check on the release it runs.
+
+After any failed node phase the engine reads what the node really runs
+(``release.current``) and reports that (phase ``readback``), never the
+release it meant to set; a node it cannot read stays drained. The load
+balancer gets back only the backends this run took out: one an operator had
+down before stays down.
 
 The same engine switches nodes to any per-node release: a deploy sends every
 node to the new release, a rollback sends each node to its own target.
@@ -137,14 +144,19 @@ class Rollout:
         self.health = environment.get("health")
         self.auto_rollback = bool(environment.get("auto_rollback"))
         self.timeout_s = environment.get("timeout_s", DEFAULT_TIMEOUT_S)
+        self.presence_timeout_s = environment.get("presence_timeout_s", fleet.DEFAULT_PRESENCE_TIMEOUT_S)
         self.activate_kwarg = {}  # extra release.activate arguments (a rollback marks what it leaves bad)
         self.done = 0
+        self.waves = []
+        self.ours = set()  # the backends this run drained: the only ones it may put back
+        self.errors = {}  # the last failure of each node, for the readback's report
 
     # ------------------------------------------------------------ waves
 
     def forward(self, waves, targets):
         """Switch each node to ``targets[minion]``, wave by wave, within the failure budgets."""
         outcome = Outcome()
+        self.waves = waves
         total = sum(len(w.minions) for w in waves)
         for wave in waves:
             failed_here = []
@@ -178,7 +190,9 @@ class Rollout:
         health check; returns (switched, failed).
         """
         self.say(f"switching {len(targets)} node(s) at once, no drain")
-        return self._switch(sorted(targets), targets)
+        switched, failed = self._switch(sorted(targets), targets)
+        self._read_back(failed)
+        return switched, failed
 
     def rollback_all(self, minions):
         """
@@ -188,43 +202,66 @@ class Rollout:
         switched node to (release, previous).
         """
         self.say(f"switching {len(minions)} node(s) at once, no drain")
-        outcomes = fleet.run_on(
-            self.opts, minions, "release.rollback", arg=[self.project],
-            kwarg=dict(self.activate_kwarg, env=self.env, fence=self.fence), timeout_s=self.timeout_s,
-        )
+        outcomes = self._call(minions, "release.rollback", arg=[self.project],
+                              kwarg=dict(self.activate_kwarg, env=self.env, fence=self.fence))
         switched, failed, landed = [], [], {}
         for minion, (ok, value) in sorted(outcomes.items()):
             if ok:
                 switched.append(minion)
                 landed[minion] = (value["release"], value.get("previous"))
-                self.report(minion, "activate", True, value.get("duration_s"), None, value["release"],
-                            previous=value.get("previous"))
+                self._report(minion, "activate", True, value.get("duration_s"), None, value["release"],
+                             previous=value.get("previous"))
             else:
                 failed.append(minion)
-                self.report(minion, "activate", False, None, value, None)
+                self._report(minion, "activate", False, None, value, None)
+        self._read_back(failed)
         return switched, failed, landed
 
     def back(self, minions, outcome):
-        """Send switched nodes back to the release each had, newest switch first."""
+        """
+        Send switched nodes back to the release each had, newest switch first,
+        each wave in its own batches: never more nodes out at once than its
+        rollout took out.
+        """
         if not minions:
             return
         self.say(f"rolling back {len(minions)} node(s): {', '.join(minions)}")
         targets = {m: self.previous.get(m) for m in minions}
         for minion in [m for m in minions if not targets[m]]:
-            self.report(minion, "rollback", False, 0, "no previous release to go back to", None)
-        order = [m for m in reversed(minions) if targets[m]]
-        size = fleet.batch_size(self.environment.get("batch", "100%"), len(order)) if order else 1
-        for start in range(0, len(order), size):
-            batch = order[start:start + size]
+            self._report(minion, "rollback", False, 0, "no previous release to go back to", None)
+        for batch in self._rollback_batches([m for m in reversed(minions) if targets[m]]):
             if not self._drain(batch):
                 continue
-            switched, _ = self._switch(batch, targets, phase="rollback")
-            healthy, _ = self._verify(switched, targets)
+            switched, failed = self._switch(batch, targets, phase="rollback")
+            running = self._read_back(failed)
+            # A rollback that failed after the switch (its reload) still left the node on its target.
+            back_on = switched + [m for m in failed if m in running and running[m] == targets[m]]
+            healthy, _ = self._verify(back_on, targets)
             self._undrain(healthy)
-            outcome.reverted.extend(switched)
+            outcome.reverted.extend(back_on)
+
+    def _rollback_batches(self, order):
+        """``order`` cut into batches of each node's wave's size, keeping the order."""
+        batches, size = [], None
+        for minion in order:
+            wave = self._wave_of(minion)
+            if batches and wave is batches[-1][0] and len(batches[-1][1]) < size:
+                batches[-1][1].append(minion)
+                continue
+            size = fleet.batch_size(wave.batch, len(wave.minions)) if wave else 1
+            batches.append((wave, [minion]))
+        return [batch for _, batch in batches]
+
+    def _wave_of(self, minion):
+        return next((w for w in self.waves if minion in w.minions), None)
 
     def settle(self, minions, targets):
-        """Put drained nodes back into the load balancer when they pass their check; returns those."""
+        """
+        Put nodes a dead run left drained back into the load balancer when
+        they pass their check; returns those. The caller vouches that the dead
+        run drained them.
+        """
+        self.ours.update(self._backend(m) for m in minions)
         healthy, _ = self._verify(minions, targets)
         self._undrain(healthy)
         return healthy
@@ -234,8 +271,7 @@ class Rollout:
         if not self.lb or not minions:
             return []
         lb_minion = self.lb["minion"]
-        ok, value = fleet.run_on(self.opts, [lb_minion], "release_lb.status", arg=[self.lb["upstream_file"]],
-                                 timeout_s=self.timeout_s)[lb_minion]
+        ok, value = self._call([lb_minion], "release_lb.status", arg=[self.lb["upstream_file"]])[lb_minion]
         if not ok:
             raise fleet.FleetError(f"load balancer {lb_minion} cannot say which nodes are down: {value}")
         return [m for m in minions if value.get(self._backend(m))]
@@ -248,9 +284,15 @@ class Rollout:
         if not self._drain(batch):
             return [], list(batch)
         switched, failed = self._switch(batch, targets)
-        healthy, sick = self._verify(switched, targets)
-        # A node whose switch failed still runs its old release: back in if that one is healthy.
-        unchanged, _ = self._verify([m for m in failed if self.previous.get(m)], self.previous)
+        running = self._read_back(failed)
+        # A switch that failed after the symlink moved (its reload) left the node on the new
+        # release: it counts as switched, so a rollback takes it back, and it stays out.
+        switched += [m for m in failed if m in running and running[m] == targets[m]]
+        healthy, sick = self._verify([m for m in switched if m not in failed], targets)
+        # A node still on its old release goes back in if that one is healthy; one whose
+        # release is unknown stays out.
+        kept = [m for m in failed if running.get(m) and running[m] == self.previous.get(m)]
+        unchanged, _ = self._verify(kept, self.previous)
         self._undrain(healthy + unchanged)
         for minion in batch:
             self.done += 1
@@ -289,22 +331,19 @@ class Rollout:
         for minion in minions:
             by_release.setdefault(targets[minion], []).append(minion)
         for release, group in by_release.items():
-            outcomes = fleet.run_on(
-                self.opts, group, "release.activate", arg=[self.project, release],
-                kwarg=kwarg, timeout_s=self.timeout_s,
-            )
+            outcomes = self._call(group, "release.activate", arg=[self.project, release], kwarg=kwarg)
             for minion, (ok, value) in sorted(outcomes.items()):
                 if ok:
                     switched.append(minion)
-                    self.report(minion, phase, True, value.get("duration_s"), None, release,
-                                previous=value.get("previous"))
+                    self._report(minion, phase, True, value.get("duration_s"), None, release,
+                                 previous=value.get("previous"))
                 else:
                     failed.append(minion)
-                    self.report(minion, phase, False, None, value, release)
+                    self._report(minion, phase, False, None, value, release)
         return switched, failed
 
     def _verify(self, minions, targets):
-        """Health-check each node in parallel; returns (healthy, sick)."""
+        """Health-check each node in parallel; returns (healthy, sick), sick nodes read back."""
         if not self.health or not minions:
             return list(minions), []
         checks = {}
@@ -315,8 +354,33 @@ class Rollout:
         for minion, (started, future) in checks.items():
             ok, problem = future.result()
             (healthy if ok else sick).append(minion)
-            self.report(minion, "verify", ok, time.monotonic() - started, problem, targets[minion])
+            self._report(minion, "verify", ok, time.monotonic() - started, problem, targets[minion])
+        self._read_back(sick)
         return healthy, sick
+
+    def _read_back(self, minions):
+        """
+        What failed nodes really run, read from them in one call and reported
+        (phase ``readback``) as their release; returns ``{minion: release}``
+        for the nodes that answered. One that cannot be read is reported
+        unknown and is never put back into the load balancer.
+        """
+        if not minions:
+            return {}
+        started = time.monotonic()
+        readable = [m for m in minions if not fleet.unreachable(self.errors.get(m))]
+        outcomes = self._call(readable, "release.current", arg=[self.project]) if readable else {}
+        running = {}
+        for minion in minions:
+            ok, value = outcomes.get(minion, (False, "it does not answer"))
+            if ok:
+                running[minion] = value
+                self.report(minion, "readback", True, time.monotonic() - started, None, value)
+            else:
+                self.report(minion, "readback", False, time.monotonic() - started,
+                            f"{self.errors.get(minion)}; its release is unknown (cannot read it back: {value})",
+                            None)
+        return running
 
     def _check(self, minion, release):
         url = self.health["url"].format(host=self.hosts.get(minion), minion=minion, project=self.project)
@@ -327,26 +391,42 @@ class Rollout:
         )
 
     def _drain(self, minions):
-        return self._balance(minions, "drain")
+        """Take nodes out of the load balancer; remembers which backends this call took out."""
+        ok, value = self._balance(minions, "drain")
+        if ok and value:
+            # A release_lb older than "drained" cannot say: then every backend named is ours.
+            self.ours.update(value.get("drained", value["backends"]))
+        return ok
 
     def _undrain(self, minions):
-        return self._balance(minions, "undrain")
+        """Put back the nodes whose backend this run took out; leaves an operator's ``down`` alone."""
+        mine = [m for m in minions if self.lb and self._backend(m) in self.ours]
+        ok, _ = self._balance(mine, "undrain")
+        if ok:
+            self.ours.difference_update(self._backend(m) for m in mine)
+        return ok
 
     def _balance(self, minions, phase):
-        """Drain or undrain nodes in one load-balancer call; True when it worked (or there is no LB)."""
+        """Drain or undrain nodes in one load-balancer call; (ok, its return); ok without an LB."""
         if not self.lb or not minions:
-            return True
+            return True, None
         started = time.monotonic()
         backends = [self._backend(m) for m in minions]
         kwarg = {k: self.lb[k] for k in ("kind", "test_cmd", "reload_cmd") if k in self.lb}
-        outcome = fleet.run_on(
-            self.opts, [self.lb["minion"]], f"release_lb.{phase}",
-            arg=[self.lb["upstream_file"], backends], kwarg=kwarg, timeout_s=self.timeout_s,
-        )
-        ok, value = outcome[self.lb["minion"]]
+        ok, value = self._call([self.lb["minion"]], f"release_lb.{phase}",
+                               arg=[self.lb["upstream_file"], backends], kwarg=kwarg)[self.lb["minion"]]
         for minion in minions:
-            self.report(minion, phase, ok, time.monotonic() - started, None if ok else value, None)
-        return ok
+            self._report(minion, phase, ok, time.monotonic() - started, None if ok else value, None)
+        return ok, value
+
+    def _call(self, minions, fun, arg=(), kwarg=None):
+        return fleet.run_on(self.opts, minions, fun, arg=arg, kwarg=kwarg, timeout_s=self.timeout_s,
+                            presence_timeout_s=self.presence_timeout_s)
+
+    def _report(self, minion, phase, ok, duration_s, error, release, **extra):
+        if not ok:
+            self.errors[minion] = error
+        self.report(minion, phase, ok, duration_s, error, release, **extra)
 
     def _backend(self, minion):
         return self.lb.get("backend", "{host}").format(host=self.hosts.get(minion), minion=minion)

@@ -19,6 +19,7 @@ import time
 import salt.utils.event
 
 import _release_artifact as artifact
+import _release_fleet as fleet
 import _release_lock as locking
 import _release_store as store
 import release_contract as contract
@@ -28,7 +29,7 @@ import release_settings as settings
 log = logging.getLogger(__name__)
 
 # Node phases the conductor drives from the master; the nodes report install and activate themselves.
-CONDUCTOR_PHASES = ("drain", "verify", "undrain")
+CONDUCTOR_PHASES = ("drain", "verify", "undrain", "readback")
 
 
 class DeployError(Exception):
@@ -218,7 +219,8 @@ def reporter(run):
         )
         # duration_s: the time this node's phases took in this run, all phases together.
         node.update(phase=phase, duration_s=round((node.get("duration_s") or 0) + (duration_s or 0), 3))
-        if ok and phase in ("activate", "rollback"):
+        # readback: what the node really runs after a failure, read from it (None: unknown)
+        if ok and phase in ("activate", "rollback") or phase == "readback":
             node["release"] = release
         if ok and phase == "rollback":
             node.update(result=False, rolled_back=True)
@@ -226,7 +228,7 @@ def reporter(run):
         if not ok:
             node.update(result=False, error=error)
         run.records.node_phase(run.record_id, minion, phase, store.now(), duration_s, ok, error)
-        if phase in CONDUCTOR_PHASES or not ok and str(error).startswith("no answer"):
+        if phase in CONDUCTOR_PHASES or not ok and fleet.unreachable(error):
             fire(run, (minion, phase), contract.phase_event(release, ok, duration_s or 0, error))
 
     return report

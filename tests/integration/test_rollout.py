@@ -5,24 +5,18 @@ on a high loopback port; each app node served by a small HTTP server that
 answers from its deploy_to/current (the stack handlers have their own tests).
 """
 
-import http.client
-import http.server
-import json
 import os
-import pathlib
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
-import threading
 import time
 
 import pytest
 from pytestshellutils.utils.ports import get_unused_localhost_port
 
 from tests.conftest import make_file_root, project_config, start_cluster
+from tests.integration.nginx_lb import Load, UpstreamWatcher, running_nginx, served, set_breaks, start_app_server
 
 APPS = ("m4-web1", "m4-web2", "m4-web3", "m4-web4")
 LB = "m4-lb"
@@ -48,93 +42,13 @@ PILLAR = textwrap.dedent(
 )
 
 
-# ---------------------------------------------------------------- app servers and nginx
-
-
-class AppHandler(http.server.BaseHTTPRequestHandler):
-    """Serves /<project>/ and /<project>/health from <deploy_to>/current, like a web server would."""
-
-    def do_GET(self):
-        project, _, page = self.path.strip("/").partition("/")
-        current = os.path.join(self.server.deploy_root, project, "current")
-        try:
-            with open(os.path.join(current, "RELEASE.json"), encoding="utf-8") as handle:
-                release = json.load(handle)["name"]
-            page_file = "health.php" if page == "health" else "index.html"
-            if not os.path.isfile(os.path.join(current, "public", page_file)):
-                raise FileNotFoundError(page_file)
-        except (OSError, ValueError, KeyError):
-            self.send_error(404)
-            return
-        body = json.dumps({"release": release}).encode()
-        self.send_response(200)
-        self.send_header("X-Release", release)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-def start_app_server(deploy_root, port):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), AppHandler)
-    server.deploy_root = deploy_root
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-NGINX_CONF = """\
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-events {{ worker_connections 512; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/tmp/body;
-    proxy_temp_path {prefix}/tmp/proxy;
-    fastcgi_temp_path {prefix}/tmp/fastcgi;
-    uwsgi_temp_path {prefix}/tmp/uwsgi;
-    scgi_temp_path {prefix}/tmp/scgi;
-    upstream rainbow {{
-        include {prefix}/rainbow.upstream;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ proxy_pass http://rainbow; }}
-    }}
-}}
-"""
-
-
-def as_app_user(*argv):
-    return ["runuser", "-u", "www-data", "--", *argv]
+# ---------------------------------------------------------------- nginx
 
 
 @pytest.fixture(scope="module")
 def nginx(app_ports):
-    # Outside pytest's 0700 temp root: www-data must reach it.
-    prefix = pathlib.Path(tempfile.mkdtemp(prefix="sr-nginx-", dir="/tmp"))
-    prefix.chmod(0o755)
-    (prefix / "tmp").mkdir()
-    port = get_unused_localhost_port()
-    (prefix / "nginx.conf").write_text(NGINX_CONF.format(prefix=prefix, port=port))
-    upstream = prefix / "rainbow.upstream"
-    upstream.write_text("".join(f"server 127.0.0.1:{app_ports[m]};\n" for m in APPS))
-    shutil.chown(prefix, "www-data")
-    shutil.chown(prefix / "tmp", "www-data")
-    nginx_cmd = ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf")]
-    subprocess.run(as_app_user(*nginx_cmd), check=True)
-    info = {
-        "port": port,
-        "upstream": str(upstream),
-        "test_cmd": " ".join(as_app_user(*nginx_cmd, "-t", "-q")),
-        "reload_cmd": " ".join(as_app_user(*nginx_cmd, "-s", "reload")),
-        "pid_file": str(prefix / "nginx.pid"),
-    }
-    yield info
-    subprocess.run(as_app_user(*nginx_cmd, "-s", "quit"), check=False)
-    shutil.rmtree(prefix, ignore_errors=True)
+    with running_nginx([app_ports[m] for m in APPS]) as info:
+        yield info
 
 
 @pytest.fixture(scope="module")
@@ -202,90 +116,9 @@ def rollout_cluster(salt_factories, app_repo, tmp_path_factory, app_ports, nginx
             server.shutdown()
 
 
-def set_breaks(cluster, breaks):
-    """Break the health of the named nodes for a project's NEXT install, through pillar."""
-    with open(os.path.join(cluster.pillar_root, "breaks.json"), "w", encoding="utf-8") as handle:
-        json.dump(breaks, handle)
-    refreshed = cluster.salt_cli.run("saltutil.refresh_pillar", "wait=True", minion_tgt="m4-*")
-    assert refreshed.returncode == 0, refreshed
-
-
-def served(app_ports, minion, project):
-    conn = http.client.HTTPConnection("127.0.0.1", app_ports[minion], timeout=5)
-    try:
-        conn.request("GET", f"/{project}/")
-        response = conn.getresponse()
-        response.read()
-        return response.getheader("X-Release")
-    finally:
-        conn.close()
-
-
 def deploy(cluster, project, env, ref, *extra):
     result, ret = cluster.run("release.deploy", project, f"env={env}", f"ref={ref}", *extra)
     return result, ret
-
-
-# ---------------------------------------------------------------- load
-
-
-class Background:
-    """A loop in a daemon thread for the length of a ``with`` block; ``_run`` checks ``self.stop``."""
-
-    def __init__(self):
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        raise NotImplementedError
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(10)
-
-
-class Load(Background):
-    """A client opening a new connection per request through nginx, bounded in count and time."""
-
-    def __init__(self, port, max_requests=20000, max_s=240):
-        super().__init__()
-        self.port, self.max_requests, self.max_s = port, max_requests, max_s
-        self.results = []
-
-    def _run(self):
-        deadline = time.monotonic() + self.max_s
-        while not self.stop.is_set() and len(self.results) < self.max_requests and time.monotonic() < deadline:
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-            try:
-                conn.request("GET", "/rainbow/", headers={"Connection": "close"})
-                response = conn.getresponse()
-                response.read()
-                self.results.append((response.status, response.getheader("X-Release")))
-            except OSError as exc:
-                self.results.append((0, str(exc)))
-            finally:
-                conn.close()
-            time.sleep(0.005)
-
-
-class UpstreamWatcher(Background):
-    """Reads the nginx upstream file every few ms and remembers each backend seen down."""
-
-    def __init__(self, path):
-        super().__init__()
-        self.path, self.seen_down = path, set()
-
-    def _run(self):
-        while not self.stop.is_set():
-            with open(self.path, encoding="utf-8") as handle:
-                for line in handle:
-                    if line.rstrip().endswith("down;"):
-                        self.seen_down.add(line.split()[1])
-            time.sleep(0.002)
 
 
 # ---------------------------------------------------------------- tests
@@ -324,11 +157,11 @@ def test_rolling_deploy_through_nginx_loses_no_request(rollout_cluster, app_port
 def test_gray_wave_failure_stops_rollout_and_rolls_back(rollout_cluster, app_ports):
     _, first = deploy(rollout_cluster, "graybad", "pro", "v1.0.0")
     assert first["result"], first
-    set_breaks(rollout_cluster, {"graybad": ["m4-web2"]})
+    set_breaks(rollout_cluster, "m4-*", {"graybad": ["m4-web2"]})
     try:
         result, ret = deploy(rollout_cluster, "graybad", "pro", "v1.1.0")
     finally:
-        set_breaks(rollout_cluster, {})
+        set_breaks(rollout_cluster, "m4-*", {})
     assert result.returncode != 0 and ret["result"] is False
     assert "gray-north" in ret["error"]
     nodes = ret["nodes"]
@@ -343,11 +176,11 @@ def test_gray_wave_failure_stops_rollout_and_rolls_back(rollout_cluster, app_por
 def test_failure_budget_of_one_in_a_wave_of_four(rollout_cluster, app_ports, broken, continues):
     _, first = deploy(rollout_cluster, "budget", "four", "v1.0.0")
     assert first["result"], first
-    set_breaks(rollout_cluster, {"budget": broken})
+    set_breaks(rollout_cluster, "m4-*", {"budget": broken})
     try:
         result, ret = deploy(rollout_cluster, "budget", "four", "v1.1.0")
     finally:
-        set_breaks(rollout_cluster, {})
+        set_breaks(rollout_cluster, "m4-*", {})
     assert result.returncode != 0  # a failed node always shows in the exit code
     assert ret["completed"] is continues
     now = {m: served(app_ports, m, "budget") for m in APPS}

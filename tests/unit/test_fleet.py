@@ -1,7 +1,8 @@
 """Batch sizes follow Salt's batch semantics."""
 
-import _release_fleet as fleet
 import pytest
+
+import _release_fleet as fleet
 
 
 @pytest.mark.parametrize(
@@ -50,3 +51,57 @@ def test_nonsense_batch_specs_are_refused(spec):
 )
 def test_outcome_of_a_minion_return(full, expected):
     assert fleet._outcome(full, 5) == expected
+
+
+# ---------------------------------------------------------------- presence probe
+
+
+class FakeClient:
+    """Stands in for salt.client.LocalClient: records the targets of ``cmd``."""
+
+    calls = []
+
+    def __init__(self, mopts):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def cmd(self, minions, fun, **kwargs):
+        FakeClient.calls.append((list(minions), fun))
+        return {m: {"ret": {"result": True}, "retcode": 0} for m in minions}
+
+
+def test_run_on_calls_only_the_minions_that_answered_the_probe(monkeypatch):
+    FakeClient.calls = []
+    monkeypatch.setattr(fleet.salt.client, "LocalClient", FakeClient)
+    monkeypatch.setattr(fleet, "present", lambda opts, minions, timeout_s: {"web1", "web3"})
+    outcomes = fleet.run_on({}, ["web1", "web2", "web3"], "release.current", presence_timeout_s=2)
+    assert FakeClient.calls == [(["web1", "web3"], "release.current")]
+    assert outcomes["web2"] == (False, "web2 did not answer a presence probe within 2 s")
+    assert outcomes["web1"] == (True, {"result": True})
+    assert fleet.unreachable(outcomes["web2"][1])
+
+
+def test_run_on_without_a_probe_calls_every_minion(monkeypatch):
+    FakeClient.calls = []
+    monkeypatch.setattr(fleet.salt.client, "LocalClient", FakeClient)
+    monkeypatch.setattr(fleet, "present", lambda *args: pytest.fail("probed with presence_timeout_s=0"))
+    fleet.run_on({}, ["web1", "web2"], "test.ping", presence_timeout_s=0)
+    assert FakeClient.calls == [(["web1", "web2"], "test.ping")]
+
+
+@pytest.mark.parametrize(
+    "error, unreachable",
+    [
+        ("no answer within 60 s (minion down or unreachable)", True),
+        ("web3 did not answer a presence probe within 3 s", True),
+        ("nginx reload failed (exit 1): boom", False),
+        (None, False),
+    ],
+)
+def test_unreachable(error, unreachable):
+    assert fleet.unreachable(error) is unreachable

@@ -1,0 +1,267 @@
+"""
+Fault injection on real processes: a real master, three app minions and a
+load-balancer minion; real nginx as the load balancer (the setup of
+tests/integration/test_rollout.py). Each test injects one fault into a
+rollout and judges the outcome on the nodes: ``readlink`` of each node's
+``current``, the nginx upstream file, and requests served through nginx.
+Measured times are printed for docs/faults.md.
+"""
+
+import os
+import shlex
+import subprocess
+import textwrap
+import time
+
+import pytest
+from pytestshellutils.utils.ports import get_unused_localhost_port
+
+from tests.conftest import make_file_root, project_config, start_cluster
+from tests.integration.nginx_lb import (
+    UpstreamWatcher,
+    running_nginx,
+    set_breaks,
+    start_app_server,
+    through_nginx,
+    upstream_down,
+)
+
+APPS = ("f3-web1", "f3-web2", "f3-web3")
+LB = "f3-lb"
+PROJECTS = ("lbfail", "wavebad", "opdown", "readback", "gone")
+
+PILLAR = textwrap.dedent(
+    """\
+    {% import_json 'breaks.json' as breaks %}
+    {% set node = grains['id'] %}
+    release:
+    {% for project in ['lbfail', 'wavebad', 'opdown', 'readback', 'gone'] %}
+      {{ project }}:
+        deploy_to: {{ nodes_root }}/{{ node }}/{{ project }}
+        user: {{ app_user }}
+        {# a node listed in breaks.json gets public/ replaced by an empty shared dir: its health check 404s #}
+        shared: [storage, logs{% if node in breaks.get(project, []) %}, public{% endif %}]
+        {% if project == 'readback' and node == 'f3-web2' %}
+        {# the stack reload fails whenever current is a 1.1.0 release: after the symlink moved #}
+        stack:
+          kind: command
+          run_as: root
+          reload: 'case "$(readlink {{ nodes_root }}/{{ node }}/readback/current)" in *1.1.0*) exit 3;; esac'
+        {% endif %}
+    {% endfor %}
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def app_ports():
+    return {minion: get_unused_localhost_port() for minion in APPS}
+
+
+@pytest.fixture(scope="module")
+def nginx(app_ports):
+    with running_nginx([app_ports[m] for m in APPS]) as info:
+        yield info
+
+
+def environment(nginx, **extra):
+    env = {
+        "target": "f3-web*", "batch": 1,
+        "health": {"url": "http://{host}/{project}/health", "expect": "release", "timeout_s": 2,
+                   "retries": 2, "interval_s": 0.2},
+        "lb": {"minion": LB, "kind": "nginx", "upstream_file": nginx["upstream"], "backend": "{host}",
+               "test_cmd": nginx["test_cmd"], "reload_cmd": nginx["reload_cmd"]},
+        "host_grain": "app_addr",
+        "auto_rollback": True,
+    }
+    env.update(extra)
+    return env
+
+
+WAVES = [
+    {"name": "pre", "target": "f3-web1"},
+    {"name": "rest", "target": "f3-web2,f3-web3", "tgt_type": "list", "batch": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def faults(salt_factories, app_repo, tmp_path_factory, app_ports, nginx):
+    nodes_root = tmp_path_factory.mktemp("f3nodes")
+    file_root = make_file_root(str(tmp_path_factory.mktemp("f3files") / "base"))
+    environments = {p: environment(nginx) for p in PROJECTS}
+    # Waves with their own batches; the environment's batch is left at its default of 100%.
+    environments["wavebad"] = {k: v for k, v in environment(nginx, waves=WAVES).items() if k != "batch"}
+    release_config = {
+        "artifact_root": os.path.join(file_root, "releases"),
+        "state_dir": str(tmp_path_factory.mktemp("f3state")),
+        "projects": {
+            p: project_config(app_repo.path, build=[], checks=[], environments={"pro": environments[p]})
+            for p in PROJECTS
+        },
+    }
+    grains = {m: {"app_addr": f"127.0.0.1:{app_ports[m]}"} for m in APPS}
+    grains[LB] = {"role": "lb"}
+    with start_cluster(salt_factories, "f3", file_root, release_config, PILLAR, str(nodes_root),
+                       minion_ids=(LB,) + APPS, grains=grains, pillar_files={"breaks.json": "{}"}) as cluster:
+        servers = [start_app_server(os.path.join(str(nodes_root), m), app_ports[m]) for m in APPS]
+        yield cluster
+        for server in servers:
+            server.shutdown()
+
+
+# ---------------------------------------------------------------- reading the nodes
+
+
+def current(cluster, minion, project):
+    """The release a node's ``current`` points at, read off its filesystem."""
+    return os.path.basename(os.readlink(os.path.join(cluster.deploy_to(minion, project), "current")))
+
+
+def currents(cluster, project):
+    return {m: current(cluster, m, project) for m in APPS}
+
+
+def backend(app_ports, minion):
+    return f"127.0.0.1:{app_ports[minion]}"
+
+
+def served_through_nginx(nginx, project, count=9):
+    """{backend: set of releases it served} over ``count`` requests through nginx, all of them 200."""
+    answers = through_nginx(nginx["port"], project, count)
+    assert all(status == 200 for status, _, _ in answers), answers
+    seen = {}
+    for _, release, upstream in answers:
+        seen.setdefault(upstream, set()).add(release)
+    return seen
+
+
+def deploy(cluster, project, ref, *extra):
+    return cluster.run("release.deploy", project, "env=pro", f"ref={ref}", *extra)
+
+
+def first_release(cluster, project):
+    """Every node on v1.0.0, nothing drained: the start of each fault."""
+    result, ret = deploy(cluster, project, "v1.0.0")
+    assert result.returncode == 0 and ret["result"], ret
+    assert set(currents(cluster, project).values()) == {ret["release"]}
+    return ret["release"]
+
+
+def by_hand(nginx, edit):
+    """What an operator does: edit the upstream file, then reload nginx."""
+    with open(nginx["upstream"], encoding="utf-8") as handle:
+        text = handle.read()
+    with open(nginx["upstream"], "w", encoding="utf-8") as handle:
+        handle.write(edit(text))
+    subprocess.run(shlex.split(nginx["reload_cmd"]), check=True)
+    time.sleep(0.5)  # nginx's new workers take over
+
+
+# ---------------------------------------------------------------- faults
+
+
+def test_lb_reload_failure_during_drain_switches_no_node(faults, app_ports, nginx):
+    old = first_release(faults, "lbfail")
+    # The reload cannot reach nginx (its pid file is gone): `nginx -t` passes, `nginx -s reload` fails.
+    os.rename(nginx["pid_file"], nginx["pid_file"] + ".away")
+    try:
+        started = time.monotonic()
+        result, ret = deploy(faults, "lbfail", "v1.1.0")
+        took = time.monotonic() - started
+    finally:
+        os.rename(nginx["pid_file"] + ".away", nginx["pid_file"])
+    print(f"LB reload failure during drain: consistent after {took:.1f} s")
+    assert result.returncode != 0 and ret["result"] is False
+    assert "nginx reload failed" in ret["nodes"]["f3-web1"]["error"]
+    assert currents(faults, "lbfail") == {m: old for m in APPS}, "no node switched"
+    assert upstream_down(nginx["upstream"]) == set(), "the file says what nginx serves: all in service"
+    seen = served_through_nginx(nginx, "lbfail")
+    assert set(seen) == {backend(app_ports, m) for m in APPS}
+    assert set().union(*seen.values()) == {old}
+
+
+def test_health_failure_in_a_wave_rolls_back_in_batches_keeping_capacity(faults, app_ports, nginx):
+    old = first_release(faults, "wavebad")
+    set_breaks(faults, "f3-*", {"wavebad": ["f3-web3"]})
+    try:
+        with UpstreamWatcher(nginx["upstream"]) as watcher:
+            started = time.monotonic()
+            result, ret = deploy(faults, "wavebad", "v1.1.0")
+            took = time.monotonic() - started
+    finally:
+        set_breaks(faults, "f3-*", {})
+    print(f"health failure on f3-web3 in wave rest: consistent after {took:.1f} s; "
+          f"fewest backends in service at once: {watcher.min_up}")
+    assert result.returncode != 0 and "wave rest" in ret["error"]
+    assert currents(faults, "wavebad") == {m: old for m in APPS}, "every node back on the old release"
+    # Batch 1 in every wave: the rollback, like the rollout, never has more than one node out.
+    assert watcher.min_up >= len(APPS) - 1
+    assert watcher.seen_down == {backend(app_ports, m) for m in APPS}
+    # The failed node passed its check on the release it runs again before going back in.
+    assert upstream_down(nginx["upstream"]) == set()
+    assert set().union(*served_through_nginx(nginx, "wavebad").values()) == {old}
+    assert all(ret["nodes"][m]["release"] == old for m in APPS), ret["nodes"]
+
+
+def test_operator_down_stays_down_after_a_deploy(faults, app_ports, nginx):
+    first_release(faults, "opdown")
+    kept_out = backend(app_ports, "f3-web2")
+    by_hand(nginx, lambda text: text.replace(f"server {kept_out};", f"server {kept_out} down;"))
+    try:
+        result, ret = deploy(faults, "opdown", "v1.1.0")
+        assert result.returncode == 0 and ret["result"], ret
+        assert currents(faults, "opdown") == {m: ret["release"] for m in APPS}
+        assert upstream_down(nginx["upstream"]) == {kept_out}, "the operator's down is not undone"
+        seen = served_through_nginx(nginx, "opdown")
+        assert kept_out not in seen and set(seen) == {backend(app_ports, m) for m in ("f3-web1", "f3-web3")}
+        assert set().union(*seen.values()) == {ret["release"]}
+    finally:
+        by_hand(nginx, lambda text: text.replace(f"server {kept_out} down;", f"server {kept_out};"))
+
+
+def test_reload_failure_after_the_switch_is_read_back(faults, app_ports, nginx):
+    old = first_release(faults, "readback")
+    started = time.monotonic()
+    result, ret = deploy(faults, "readback", "v1.1.0")
+    print(f"stack reload failure after the switch on f3-web2: consistent after {time.monotonic() - started:.1f} s")
+    assert result.returncode != 0 and ret["result"] is False
+    node = ret["nodes"]["f3-web2"]
+    # Whatever the node did after its reload failed, the return says what it runs now.
+    assert node["release"] == current(faults, "f3-web2", "readback"), node
+    assert currents(faults, "readback") == {m: old for m in APPS}
+    assert upstream_down(nginx["upstream"]) == set()
+    assert set().union(*served_through_nginx(nginx, "readback").values()) == {old}
+    phases = history_phases(faults, "readback", "f3-web2")
+    assert "readback" in phases, phases
+
+
+def history_phases(cluster, project, minion):
+    _, rows = cluster.run("release.history", project, "env=pro", "limit=1", "phases=True")
+    return [p["phase"] for p in rows["runs"][0]["phases"] if p["minion"] == minion]
+
+
+def test_stopped_minion_fails_fast_and_is_named(faults, app_ports, nginx):
+    old = first_release(faults, "gone")
+    result, second = deploy(faults, "gone", "v1.1.0")
+    assert result.returncode == 0 and second["result"], second
+    stopped = faults.minions[APPS.index("f3-web3") + 1]
+    with stopped.stopped():
+        started = time.monotonic()
+        result, ret = deploy(faults, "gone", "release/2.0")
+        deploy_s = time.monotonic() - started
+        assert result.returncode != 0 and "f3-web3" in ret["error"], ret
+        assert "did not answer a presence probe" in ret["nodes"]["f3-web3"]["error"]
+        assert currents(faults, "gone") == {m: second["release"] for m in APPS}, "no node touched"
+        started = time.monotonic()
+        result, back = faults.run("release.rollback", "gone", "env=pro", "emergency=True")
+        rollback_s = time.monotonic() - started
+    print(f"stopped minion: deploy refused in {deploy_s:.1f} s (runner {ret['duration_s']} s), emergency "
+          f"rollback in {rollback_s:.1f} s (runner {back['duration_s']} s, switch {back.get('switch_s')} s)")
+    assert result.returncode != 0 and "f3-web3" in back["error"], back
+    assert "did not answer a presence probe" in back["nodes"]["f3-web3"]["error"]
+    assert back["nodes"]["f3-web3"]["release"] is None, "unreadable: reported unknown, not assumed"
+    assert deploy_s < 30 and rollback_s < 30
+    assert current(faults, "f3-web1", "gone") == old and current(faults, "f3-web2", "gone") == old
+    assert current(faults, "f3-web3", "gone") == second["release"]
+    assert {back["nodes"][m]["release"] for m in ("f3-web1", "f3-web2")} == {old}
+    assert set().union(*served_through_nginx(nginx, "gone").values()) <= {old, second["release"]}

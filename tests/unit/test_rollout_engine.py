@@ -1,0 +1,77 @@
+"""
+The rollout engine's own bookkeeping, with the fleet calls replaced: rollback
+batches follow each wave's batch size, and only backends this run drained are
+put back.
+"""
+
+import pytest
+
+import _release_fleet as fleet
+import _release_rollout as rollout
+
+LB = {"minion": "lb1", "upstream_file": "/etc/nginx/app.upstream", "backend": "{minion}:80"}
+
+
+class FakeFleet:
+    """Answers run_on like a fleet whose load balancer has ``down`` backends already."""
+
+    def __init__(self, down=()):
+        self.down, self.calls = set(down), []
+
+    def run_on(self, opts, minions, fun, arg=(), kwarg=None, timeout_s=60, presence_timeout_s=3):
+        self.calls.append((fun, list(arg[1]) if fun.startswith("release_lb.") else list(minions)))
+        if fun == "release_lb.drain":
+            changed = [b for b in arg[1] if b not in self.down]
+            self.down.update(changed)
+            return {"lb1": (True, {"result": True, "backends": arg[1], "drained": changed})}
+        if fun == "release_lb.undrain":
+            self.down.difference_update(arg[1])
+            return {"lb1": (True, {"result": True, "backends": arg[1], "undrained": arg[1]})}
+        return {m: (True, {"result": True, "release": arg[-1], "duration_s": 0}) for m in minions}
+
+
+def engine(fake, monkeypatch, **environment):
+    monkeypatch.setattr(fleet, "run_on", fake.run_on)
+    reports = []
+    return rollout.Rollout(
+        {}, "app", "pro", dict(environment, lb=LB), {}, {m: "old" for m in ("a", "b", "c", "d")}, 1,
+        lambda *args, **kwargs: reports.append(args), lambda message: None,
+    ), reports
+
+
+def test_rollback_batches_follow_each_wave(monkeypatch):
+    roll, _ = engine(FakeFleet(), monkeypatch)
+    roll.waves = [rollout.Wave("pre", ["a"]), rollout.Wave("rest", ["b", "c", "d"], batch="50%")]
+    # "50%" of three nodes is one: the rest go back one by one, then the pre wave.
+    assert roll._rollback_batches(["d", "c", "b", "a"]) == [["d"], ["c"], ["b"], ["a"]]
+    roll.waves[1].batch = 2
+    assert roll._rollback_batches(["d", "c", "b", "a"]) == [["d", "c"], ["b"], ["a"]]
+
+
+def test_an_operator_down_backend_is_never_put_back(monkeypatch):
+    fake = FakeFleet(down={"b:80"})
+    roll, _ = engine(fake, monkeypatch, batch=2)
+    waves = [rollout.Wave("all", ["a", "b", "c"], batch=2)]
+    outcome = roll.forward(waves, {m: "new" for m in ("a", "b", "c")})
+    assert outcome.switched == ["a", "b", "c"] and not outcome.stopped
+    undrained = [b for fun, backends in fake.calls if fun == "release_lb.undrain" for b in backends]
+    assert sorted(undrained) == ["a:80", "c:80"]
+    assert fake.down == {"b:80"}
+
+
+@pytest.mark.parametrize("spec", ["100%", 1])
+def test_auto_rollback_never_takes_out_more_than_a_batch(monkeypatch, spec):
+    fake = FakeFleet()
+    roll, _ = engine(fake, monkeypatch, auto_rollback=True)
+    waves = [rollout.Wave("pre", ["a"]), rollout.Wave("rest", ["b", "c"], batch=1)]
+
+    def verify(minions, targets):  # c fails its check on the new release only
+        sick = [m for m in minions if m == "c" and targets[m] != "old"]
+        return [m for m in minions if m not in sick], sick
+
+    monkeypatch.setattr(roll, "_verify", verify)
+    roll.environment["batch"] = spec  # the environment's batch plays no part in a rollback of waves
+    outcome = roll.forward(waves, {m: "new" for m in ("a", "b", "c")})
+    assert outcome.stopped and sorted(outcome.reverted) == ["a", "b", "c"]
+    drains = [backends for fun, backends in fake.calls if fun == "release_lb.drain"]
+    assert max(len(d) for d in drains) == 1
