@@ -10,6 +10,7 @@ demo: install
 	$(PYTHON) examples/demo.py
 
 test: install
+	.venv/bin/ruff check .
 	$(PYTHON) -m pytest -p no:logging -q
 
 # Benchmarks against plain Salt (not tests): make bench ARGS="--nodes 30"
