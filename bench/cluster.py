@@ -127,11 +127,10 @@ class Cluster:
         os.makedirs(conf_dir, exist_ok=True)
         with open(os.path.join(conf_dir, kind), "w", encoding="utf-8") as handle:
             yaml.safe_dump(config, handle)
-        log = open(os.path.join(conf_dir, f"{kind}.out"), "wb")  # pylint: disable=consider-using-with
-        self.processes.append(subprocess.Popen(
-            [daemon, "-c", conf_dir], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ))
-        log.close()
+        with open(os.path.join(conf_dir, f"{kind}.out"), "wb") as log:  # the daemon keeps its own copy
+            self.processes.append(subprocess.Popen(
+                [daemon, "-c", conf_dir], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            ))
 
     def _wait_for_minions(self, timeout_s=300):
         deadline = time.monotonic() + timeout_s

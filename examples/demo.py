@@ -107,10 +107,10 @@ class Daemons:
         self.procs = []
 
     def start(self, binary, name):
-        log = open(os.path.join(DEMO, f"{name}.log"), "wb")
         conf = os.path.join(DEMO, name, "conf")
-        proc = subprocess.Popen([os.path.join(BIN, binary), "-c", conf, "-l", "warning"],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(os.path.join(DEMO, f"{name}.log"), "wb") as log:  # the daemon keeps its own copy
+            proc = subprocess.Popen([os.path.join(BIN, binary), "-c", conf, "-l", "warning"],
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
 
     def stop(self):
@@ -178,7 +178,7 @@ def table(ret):
                      node.get("previous") or "-", str(node.get("duration_s") or "-")))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
-        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)))
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
 
 
 def main():

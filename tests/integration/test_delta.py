@@ -87,7 +87,8 @@ def test_one_file_change_sends_a_delta_and_a_tampered_base_gets_the_full_artifac
     assert served(m8, "m8-web1", second).keys() == {delta_name}
     sent = served(m8, "m8-web1", second)[delta_name]
     full = full_size(m8, second)
-    print(f"one-file change: web1 was sent {sent} bytes, the full artifact is {full} bytes ({100.0 * sent / full:.2f}%)")
+    print(f"one-file change: web1 was sent {sent} bytes, "
+          f"the full artifact is {full} bytes ({100.0 * sent / full:.2f}%)")
     assert sent < 0.05 * full
     # web2 fetched the delta, found its base changed, and fell back to the full artifact.
     assert served(m8, "m8-web2", second) == {delta_name: sent, f"{second}.tar.gz": full}

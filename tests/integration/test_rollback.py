@@ -241,7 +241,7 @@ def test_records_and_stats_match_a_hand_count(m6):
         assert (result.returncode == 0) is ok, ret
     rows = history(m6, "counted", limit=50, phases=True)[::-1]
     assert [(r["kind"], bool(r["result"])) for r in rows] == [(k, ok) for k, _, ok in script]
-    for row, (kind, _, ok) in zip(rows, script):
+    for row, (kind, _, ok) in zip(rows, script, strict=True):
         phases = {p["phase"] for p in row["phases"] if p["minion"] == "m6-web1"}
         if kind == "deploy" and ok:
             assert {"install", "activate", "prune"} <= phases, row

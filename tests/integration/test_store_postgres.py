@@ -9,11 +9,11 @@ import subprocess
 import sys
 import time
 
-import _release_lock as locking
-import _release_store as store
 import psycopg2
 import pytest
 
+import _release_lock as locking
+import _release_store as store
 from tests.integration.postgres import postgres_cluster
 
 RUNNERS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "_runners")

@@ -5,8 +5,9 @@ import json
 import os
 import tarfile
 
-import _release_artifact as artifact
 import pytest
+
+import _release_artifact as artifact
 import release_contract as contract
 
 

@@ -1,7 +1,8 @@
 """What release.recover decides from a dead run's journal and the nodes' real state."""
 
-import _release_recover as recovery
 import pytest
+
+import _release_recover as recovery
 
 
 def test_the_newest_deploy_or_rollback_is_recovered_only_when_unfinished():
