@@ -442,4 +442,22 @@ def current(project):
     return _current_name(node.paths(_settings(project)))
 
 
+
+def version():
+    """
+    Where this node loaded salt-release from: this module's file and each
+    shared helper's. With a pip install and a sync side by side, the synced
+    module wins but the helpers come from the pip install (site-packages is
+    ahead of extmods/utils on sys.path): this shows which copy runs.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt '*' release.version
+    """
+    helpers = (contract, node, retention)
+    return {"module": __file__, "helpers": {helper.__name__: helper.__file__ for helper in helpers}}
+
+
 __func_alias__ = {"list_": "list"}

@@ -85,3 +85,28 @@ def test_deploy_through_the_entry_point(pip_cluster, app_repo):
     assert list(ret["nodes"]) == [MINION]
     current = os.path.join(pip_cluster["nodes_root"], MINION, "rainbow", "current")
     assert os.readlink(current) == f"releases/{ret['release']}"
+
+
+def test_a_mixed_install_runs_the_synced_module_with_the_pip_helpers(pip_cluster, pip_target):
+    """
+    README's promise for a pip install plus a sync: the synced loader module wins, the shared
+    helpers (imported by bare name) come from the pip install. Last in this file: it adds a
+    synced copy, which the first test asserts is absent.
+    """
+    minion = pip_cluster["minion"]
+    extmods = minion.config["extension_modules"]
+    for folder, name in (("modules", "release.py"), ("utils", "release_contract.py")):
+        os.makedirs(os.path.join(extmods, folder), exist_ok=True)
+        src = os.path.join(REPO_ROOT, f"_{folder}", name)
+        with open(src, encoding="utf-8") as handle, \
+                open(os.path.join(extmods, folder, name), "w", encoding="utf-8") as out:
+            out.write(handle.read())
+    try:
+        assert pip_cluster["salt"].run("saltutil.refresh_modules", "async=False", minion_tgt=MINION).returncode == 0
+        ret = pip_cluster["salt"].run("release.version", minion_tgt=MINION)
+        assert ret.returncode == 0, ret
+        assert ret.data["module"].startswith(os.path.join(extmods, "modules")), ret.data
+        assert ret.data["helpers"]["release_contract"].startswith(pip_target), ret.data
+    finally:
+        for folder, name in (("modules", "release.py"), ("utils", "release_contract.py")):
+            os.unlink(os.path.join(extmods, folder, name))
