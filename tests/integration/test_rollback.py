@@ -21,7 +21,7 @@ import pytest
 from pytestshellutils.utils.ports import get_unused_localhost_port
 
 from tests.conftest import make_file_root, project_config, start_cluster
-from tests.integration.test_rollout import served, start_app_server
+from tests.integration.nginx_lb import served, start_app_server
 
 NODES = ("m6-web1", "m6-web2", "m6-web3")
 PROJECTS = ("rainbow", "emerg", "trim", "auto", "counted", "local")
