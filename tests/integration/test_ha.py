@@ -27,8 +27,8 @@ import salt.crypt
 from pytestshellutils.utils.ports import get_unused_localhost_port
 
 from tests.conftest import PILLAR_TOP, Cluster, make_file_root, project_config, runner_return
-from tests.integration.postgres import postgres_cluster
 from tests.integration.nginx_lb import AppHandler
+from tests.integration.postgres import postgres_cluster
 
 APPS = ("h8-web1", "h8-web2", "h8-web3")
 SALT_RUN = os.path.join(os.path.dirname(sys.executable), "salt-run")
