@@ -54,16 +54,19 @@ def fetch(run):
         ref = source.validate_ref(run.ref)
         repo = source.update_mirror(run.state_dir, run.project, run.config["repo"])
         run.commit, run.ref_name, run.full_ref = source.resolve(repo, ref)
-        _check_expected(run)
+        _check_expected(run, repo)
         run.version = source.describe(repo, run.commit)
     except source.SourceError as exc:
         raise DeployError(str(exc))
     runs.say(run, f"fetched {run.ref} = {run.commit[:12]} ({run.version})")
 
 
-def _check_expected(run):
-    """A webhook deploys the commit it was told of, or nothing: a newer push has its own hook."""
-    if run.expect_commit and run.commit != run.expect_commit:
+def _check_expected(run, repo):
+    """
+    A webhook deploys the commit it was told of, or nothing: a newer push has
+    its own hook. A tag push's ``after`` may be the annotated tag's own id.
+    """
+    if run.expect_commit and run.expect_commit not in (run.commit, source.ref_object(repo, run.full_ref)):
         raise DeployError(
             f"{run.ref} is now {run.commit[:12]}, not the pushed {str(run.expect_commit)[:12]}: "
             "a newer push raced this one and deploys on its own hook"
