@@ -8,6 +8,7 @@ serves as ``salt://<path of artifact_root in file_roots>/<project>/<name>.tar.gz
 """
 
 import collections
+import contextlib
 import io
 import json
 import os
@@ -129,6 +130,7 @@ def stage_delta(tarball, tree, name, currents, file_roots):
         why = "its artifact is gone, or the delta would not pay"
     if built is None:
         return {}, f"no delta against {base}: {why}"
+    os.chmod(dest, 0o640)
     offer = {
         "delta_source": salt_url(os.path.dirname(folder), file_roots, os.path.basename(folder), f"{name}.delta"),
         "delta_hash": contract.sha256_file(dest),
@@ -167,7 +169,10 @@ def _base_files(folder, base):
 
 def _write_json(path, doc):
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # one a dead run of this pid left
+    # 0640 like every published file: only the master's fileserver (root) reads it.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640), "w") as handle:
         json.dump(doc, handle, sort_keys=True)
     os.replace(tmp, path)
 

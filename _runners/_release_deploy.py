@@ -54,10 +54,23 @@ def fetch(run):
         ref = source.validate_ref(run.ref)
         repo = source.update_mirror(run.state_dir, run.project, run.config["repo"])
         run.commit, run.ref_name, run.full_ref = source.resolve(repo, ref)
+        _check_expected(run, repo)
         run.version = source.describe(repo, run.commit)
     except source.SourceError as exc:
         raise DeployError(str(exc))
     runs.say(run, f"fetched {run.ref} = {run.commit[:12]} ({run.version})")
+
+
+def _check_expected(run, repo):
+    """
+    A webhook deploys the commit it was told of, or nothing: a newer push has
+    its own hook. A tag push's ``after`` may be the annotated tag's own id.
+    """
+    if run.expect_commit and run.expect_commit not in (run.commit, source.ref_object(repo, run.full_ref)):
+        raise DeployError(
+            f"{run.ref} is now {run.commit[:12]}, not the pushed {str(run.expect_commit)[:12]}: "
+            "a newer push raced this one and deploys on its own hook"
+        )
 
 
 def screen(run):
@@ -107,6 +120,7 @@ def stage(run):
         raise DeployError(str(exc))
     dest = os.path.join(run.conf["artifact_root"], run.project, f"{run.name}.tar.gz")
     os.makedirs(os.path.dirname(dest), exist_ok=True)
+    os.chmod(run.tarball, 0o640)  # read only by the master's fileserver (root)
     shutil.move(run.tarball, dest)
     run.tarball = dest
     published.write_checksum(dest, run.sha256)  # so highstate can name a release without its hash

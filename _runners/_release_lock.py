@@ -9,6 +9,7 @@ reason) and a random token. A deploy releases only a lock that carries its own
 token, so a deploy can never free another deploy's lock.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -82,7 +83,9 @@ def _next_fence(path):
     except (OSError, ValueError):
         fence = 1
     tmp = f"{counter}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # one a dead run of this pid left
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600), "w") as handle:
         handle.write(f"{fence}\n")
     os.replace(tmp, counter)
     return fence

@@ -23,6 +23,7 @@ node to the new release, a rollback sends each node to its own target.
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import math
 import re
 import time
@@ -105,17 +106,28 @@ def check_health(url, release, expect="release", timeout_s=10, retries=3, interv
             time.sleep(interval_s)
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as response:
-                body = response.read(65536).decode("utf-8", "replace")
+                status, raw = response.status, response.read(65536)
                 served = response.headers.get("X-Release") or ""
         except (urllib.error.URLError, OSError, ValueError) as exc:
             problem = f"{url}: {getattr(exc, 'reason', exc)}"
             continue
+        body = raw.decode("utf-8", "replace")
         if expect == "ok" or (expect == "release" and (release == served or release in body)):
             return True, None
         if expect not in ("ok", "release") and expect in body:
             return True, None
-        problem = f"{url} serves {served or 'something else'}, not {release if expect == 'release' else expect!r}"
+        problem = health_problem(url, status, raw, release if expect == "release" else expect)
     return False, problem
+
+
+def health_problem(url, status, raw, wanted):
+    """
+    Why a health answer failed, without a byte of what was served: a failing
+    app may print its config (secrets) into the page, and this text reaches
+    the return, the events and the history.
+    """
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    return f"{url}: HTTP {status}, expected {wanted!r}; body of {len(raw)} bytes (sha256 {digest}...) does not name it"
 
 
 @dataclasses.dataclass

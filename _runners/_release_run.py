@@ -77,6 +77,7 @@ class Run:
     record_id: int = None
     records: store.Store = None
     force: bool = False
+    expect_commit: str = None  # a webhook's pushed commit: the ref must still name it
     to: str = None
     targets: dict = dataclasses.field(default_factory=dict)
     facts: dict = dataclasses.field(default_factory=dict)  # kind-specific extras for the return and the record
@@ -318,12 +319,15 @@ class Locked:
 def unlock(opts, project, env, force):
     """Break a lock left behind by a dead run (``salt-run release.unlock``); recorded and fired."""
     conf = master_settings(opts)
+    problem = _unknown_target(conf, project, env)
+    if problem:
+        return {"result": False, "error": problem, "retcode": 1}
     history = records(conf)
     locks = history.locks()
     holder = locks.read(project, env)
     if holder is None:
         return {"result": True, "comment": f"{project}/{env} is not locked", "retcode": 0}
-    ttl_s = float((conf["projects"].get(project) or conf)["lock_ttl_s"])
+    ttl_s = float(conf["projects"][project]["lock_ttl_s"])
     if locks.holder_alive(project, env, holder, ttl_s) and not force:
         return {
             "result": False, "retcode": 1,
@@ -337,6 +341,17 @@ def unlock(opts, project, env, force):
     fire_event(opts, contract.event_tag(project, env, "lock", "broken"),
                {"broken": public_owner(broken), "by": who, "force": bool(force)})
     return {"result": True, "comment": f"broke the lock: {locking.describe(broken)}", "retcode": 0}
+
+
+def _unknown_target(conf, project, env):
+    """Why ``project``/``env`` names nothing to unlock, or None."""
+    config = conf["projects"].get(project)
+    if config is None:
+        return f"unknown project {project!r}: not under release:projects in the master config"
+    if env not in config["environments"]:
+        known = ", ".join(sorted(config["environments"])) or "none"
+        return f"project {project} has no environment {env!r} (known: {known})"
+    return None
 
 
 def _jid():

@@ -168,6 +168,14 @@ def _screen_tree(dest):
                 raise SourceError(f"{rel!r} is not a file, folder or link")
 
 
+def ref_object(repo, full_ref):
+    """The object ``full_ref`` names, unpeeled: an annotated tag's own id (what a tag push's ``after`` is)."""
+    try:
+        return repo.git.rev_parse("--verify", "--quiet", full_ref)
+    except git.GitCommandError:
+        return None
+
+
 def _commit_of(repo, name):
     try:
         return repo.git.rev_parse("--verify", "--quiet", f"{name}^{{commit}}")

@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import time
 
@@ -90,8 +91,20 @@ class SqliteDialect:
 
     def __init__(self, state_dir):
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        os.chmod(state_dir, 0o700)  # also an older, wider state_dir: it holds builds and history
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, "history.db")
+        self._private_files()
+
+    def _private_files(self):
+        """
+        history.db 0600 before sqlite opens it: sqlite gives its -journal, -wal
+        and -shm files the database's mode. Older, wider files are narrowed.
+        """
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+        for suffix in ("", "-journal", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.path + suffix, 0o600, follow_symlinks=False)
 
     def connect(self):
         return sqlite3.connect(self.path, timeout=30)
@@ -136,10 +149,17 @@ def dialect_for(state_dir, backend):
     raise ValueError(f"release:store must be 'sqlite' or a postgresql:// URL, not {safe_url(backend)!r}")
 
 
-def safe_url(url):
-    """A store URL fit for an error message or a log: never its password."""
-    scheme, sep, rest = str(url).partition("://")
-    return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}" if "@" in rest else str(url)
+USERINFO = re.compile(r"(\w+://)[^\s/?#]*@")
+PASSWORD_PARAM = re.compile(r"\b((?:ssl)?pass(?:word|wd)?)\s*=\s*('[^']*'|[^&\s'\"]*)", re.IGNORECASE)
+
+
+def safe_url(text):
+    """
+    A store URL, or any text that may hold one (a driver's error), fit for a
+    return, event, log or history row: no ``user:password@`` and no
+    ``password=`` parameter (URL query or libpq key=value).
+    """
+    return PASSWORD_PARAM.sub(r"\1=***", USERINFO.sub(r"\1", str(text)))
 
 
 def advisory_key(*parts):

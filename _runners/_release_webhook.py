@@ -10,12 +10,14 @@ the body of ``salt-run release.webhook`` that acts on their verdict::
         rainbow:
           webhook:
             secret: <GitHub secret, GitLab signing token (whsec_...) or GitLab secret token>
-            max_body_bytes: 524288
+            max_body_bytes: 524288   # bodies over ~512 KiB arrive trimmed by Salt anyway
+          environments:
+            pro: {target: 'web*', production: true}
           triggers:
             dev: {branches: [dev]}
             test: {branches: ['release/*']}
             pre: {tags: ['v*']}
-            pro: {tags: ['v*'], auto: true}   # production needs auto: true
+            pro: {tags: ['v*'], auto: true}   # a production: true environment needs auto: true
 
 Senders and how each is checked (every comparison constant-time):
 
@@ -44,8 +46,11 @@ import _release_run as runs
 import release_contract as contract
 
 DEFAULT_MAX_BODY_BYTES = 512 * 1024
+# What Salt puts in place of an event value over the master's max_event_size. salt-api
+# fires the body twice (raw and parsed), so a body over about half of max_event_size
+# (1 MiB by default) reaches the reactor as this string: refused as too-large.
+TRIMMED = "VALUE_TRIMMED"
 TIMESTAMP_TOLERANCE_S = 300
-PRODUCTION_NAMES = ("pro", "prod", "production")
 PROJECT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ZERO_SHA = "0" * 40
 # Headers salt-api title-cases; we look them up case-insensitively anyway.
@@ -84,9 +89,18 @@ def check_project(project, projects):
     return projects[project]
 
 
-def check_size(body, config):
+def check_size(body, config, headers=None):
+    """
+    Refused ``too-large`` when the body is over ``max_body_bytes``, or when
+    Salt trimmed it on the bus (the body is ``VALUE_TRIMMED``, or shorter
+    than the request's Content-Length): its signature can never match.
+    """
     limit = int((config.get("webhook") or {}).get("max_body_bytes", DEFAULT_MAX_BODY_BYTES))
     size = len(body)
+    sent = header(headers, "Content-Length")
+    if body == TRIMMED.encode() or (sent and sent.strip().isdigit() and int(sent) != size):
+        raise Refused("too-large", f"the body ({sent or 'unknown'} bytes sent) was trimmed on Salt's event bus: "
+                                   f"bodies over about half of the master's max_event_size never arrive whole")
     if size > limit:
         raise Refused("too-large", f"body of {size} bytes is over the limit of {limit} bytes")
 
@@ -166,7 +180,7 @@ def parse_payload(body, headers):
 
 
 def pushed_ref(sender, headers, payload):
-    """``("branch"|"tag", name)`` of a push; Ignored for pings, other events and deletions."""
+    """``("branch"|"tag", name, full_ref)`` of a push; Ignored for pings, other events and deletions."""
     event = header(headers, "X-GitHub-Event") or header(headers, "X-Gitlab-Event") or payload.get("object_kind")
     if sender == "github" and event == "ping":
         raise Ignored("ping: the hook is set up")
@@ -177,7 +191,7 @@ def pushed_ref(sender, headers, payload):
     ref = str(payload.get("ref") or "")
     for prefix, kind in (("refs/heads/", "branch"), ("refs/tags/", "tag")):
         if ref.startswith(prefix) and len(ref) > len(prefix):
-            return kind, ref[len(prefix):]
+            return kind, ref[len(prefix):], ref
     raise Refused("malformed", "the push names no refs/heads/ or refs/tags/ ref")
 
 
@@ -198,14 +212,15 @@ def environments_for(config, kind, name):
         patterns = (trigger or {}).get("branches" if kind == "branch" else "tags") or []
         if env not in environments or not any(fnmatch.fnmatchcase(name, p) for p in patterns):
             continue
-        if is_production(env, environments[env]) and trigger.get("auto") is not True:
+        if is_production(environments[env]) and trigger.get("auto") is not True:
             continue
         found.append(env)
     return found
 
 
-def is_production(env, environment):
-    return bool((environment or {}).get("production")) or env in PRODUCTION_NAMES
+def is_production(environment):
+    """Only the environment's own ``production: true`` says so, never its name."""
+    return (environment or {}).get("production") is True
 
 
 # ---------------------------------------------------------------- once only
@@ -261,19 +276,20 @@ def delivery_keys(headers, body):
 def read_push(project, body, headers, projects, gitlab_token_sha256=None):
     """
     Everything a deploy needs from a hook request: ``{project, sender, kind, ref,
-    author, envs, delivery, keys}``. Raises Refused (untrusted, malformed) or
+    full_ref, after, author, envs, delivery, keys}``. Raises Refused (untrusted, malformed) or
     Ignored (a genuine request that asks for no deploy).
     """
     config = check_project(project, projects)
-    check_size(body, config)
+    check_size(body, config, headers)
     sender = verify(headers, body, config, gitlab_token_sha256)
     payload = parse_payload(body, headers)
-    kind, ref = pushed_ref(sender, headers, payload)
+    kind, ref, full_ref = pushed_ref(sender, headers, payload)
     envs = environments_for(config, kind, ref)
     if not envs:
         raise Ignored(f"no trigger of {project} deploys {kind} {ref!r} (production needs auto: true)")
     return {
-        "project": project, "sender": sender, "kind": kind, "ref": ref,
+        "project": project, "sender": sender, "kind": kind, "ref": ref, "full_ref": full_ref,
+        "after": str(payload.get("after") or "").lower() or None,
         "author": pusher(sender, payload) or sender, "envs": envs,
         "delivery": delivery_id(headers), "keys": delivery_keys(headers, body),
     }
@@ -285,8 +301,10 @@ def read_push(project, body, headers, projects, gitlab_token_sha256=None):
 def handle(opts, project, body, headers, gitlab_token_sha256, deploy):
     """
     ``salt-run release.webhook``: verify the push, claim its delivery, then
-    ``deploy(project, env, ref, author=..., trigger="webhook")`` for each
-    environment it maps to. Refusals are fired and recorded.
+    ``deploy(project, env, full_ref, author=..., trigger="webhook",
+    expect_commit=after)`` for each environment it maps to: the pushed commit
+    under its exact ref, or nothing if a newer push moved the ref meanwhile.
+    Refusals are fired and recorded.
     """
     conf = runs.master_settings(opts)
     raw = body.encode("utf-8") if isinstance(body, str) else bytes(body or b"")
@@ -298,14 +316,15 @@ def handle(opts, project, body, headers, gitlab_token_sha256, deploy):
         return refuse(opts, conf, project, exc.reason, str(exc))
     except Ignored as exc:
         return {"result": True, "project": project, "deploys": {}, "comment": str(exc), "retcode": 0}
-    deploys = {env: deploy(project, env, push["ref"], author=push["author"], trigger="webhook")
+    deploys = {env: deploy(project, env, push["full_ref"], author=push["author"], trigger="webhook",
+                           expect_commit=push["after"])
                for env in push["envs"]}
     if any(ret.get("failed_step") == "lock" for ret in deploys.values()):
         forget_delivery(conf["state_dir"], project, push["keys"])  # a redelivery may deploy
         refuse(opts, conf, project, "locked", "; ".join(r["error"] for r in deploys.values() if r.get("error")),
                record=False)  # deploy() already wrote the history row
     ok = all(ret["result"] for ret in deploys.values())
-    return {"result": ok, "project": project, "ref": push["ref"], "author": push["author"],
+    return {"result": ok, "project": project, "ref": push["full_ref"], "author": push["author"],
             "delivery": push["delivery"], "deploys": deploys, "retcode": 0 if ok else 1}
 
 

@@ -98,6 +98,7 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, fo
         return deploy_pipeline.plan_only(runs.begin(_loader(), project, env, ref, author, "plan", {}, record=False))
     run = runs.begin(_loader(), project, env, ref, author, trigger, kwargs)
     run.force = bool(force)
+    run.expect_commit = kwargs.get("expect_commit")
     return deploy_pipeline.deploy(run, wait, diff=bool(kwargs.get("diff")))
 
 

@@ -70,7 +70,9 @@ def published_releases(state_dir, project):
 def _write_atomically(path, text):
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    if os.path.lexists(tmp):
+        os.unlink(tmp)  # one a dead run of this pid left
+    # 0640: only the master (root) reads these; never through a link planted at the temp name.
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640), "w") as handle:
         handle.write(text)
-    os.chmod(tmp, 0o644)
     os.replace(tmp, path)

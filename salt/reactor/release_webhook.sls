@@ -3,7 +3,8 @@
     headers the runner needs are passed, and a GitLab secret token only as its sha256. -#}
 {%- set wanted = ['x-hub-signature-256', 'x-github-event', 'x-github-delivery',
                   'x-gitlab-event', 'x-gitlab-event-uuid', 'idempotency-key',
-                  'webhook-id', 'webhook-timestamp', 'webhook-signature', 'content-type'] %}
+                  'webhook-id', 'webhook-timestamp', 'webhook-signature', 'content-type',
+                  'content-length'] %}
 {%- set headers = {} %}
 {%- set token = [] %}
 {%- for key, value in data.get('headers', {}).items() %}

@@ -9,18 +9,19 @@ import json
 import os
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 
-import _release_lock as locking
-import _release_webhook as hook
 import pytest
 import salt.utils.event
 from pytestshellutils.utils.ports import get_unused_localhost_port
 
+import _release_lock as locking
+import _release_webhook as hook
 from tests.conftest import REPO_ROOT, start_cluster
 
 SECRET = "m7-webhook-secret-do-not-leak"
@@ -52,14 +53,23 @@ def m7(salt_factories, app_repo, m7_file_root, nodes_root, tmp_path_factory):
         "state_dir": str(tmp_path_factory.mktemp("m7_state")),
         "projects": {"rainbow": {
             "repo": app_repo.path, "build": ["make dist"], "checks": ["make test"],
-            "environments": {"test": {"target": "m7-web*"}, "pro": {"target": "m7-web*"}},
+            # production is the flag, never the name: "live" is production, "pro" is not.
+            "environments": {"test": {"target": "m7-web*"}, "pro": {"target": "m7-web*"},
+                             "live": {"target": "m7-web*", "production": True}},
             "webhook": {"secret": SECRET, "max_body_bytes": 8192},
-            "triggers": {"test": {"branches": ["master", "release/*"]}, "pro": {"tags": ["v*"]}},
+            "triggers": {"test": {"branches": ["master", "release/*"]}, "pro": {"tags": ["v*"]},
+                         "live": {"tags": ["v*"]}},
+        }, "bigbody": {
+            # A limit above what Salt's bus carries whole: the trimming must be caught.
+            "repo": app_repo.path, "environments": {"test": {"target": "m7-web*"}},
+            "webhook": {"secret": SECRET, "max_body_bytes": 4 * 1024 * 1024},
+            "triggers": {"test": {"branches": ["master"]}},
         }},
     }
     overrides = {
         "rest_cherrypy": {"port": port, "host": "127.0.0.1", "disable_ssl": True, "webhook_disable_auth": True},
-        "reactor": [{"salt/netapi/hook/release/*": [os.path.join(REPO_ROOT, "salt", "reactor", "release_webhook.sls")]}],
+        "reactor": [{"salt/netapi/hook/release/*": [
+            os.path.join(REPO_ROOT, "salt", "reactor", "release_webhook.sls")]}],
         "external_auth": {"auto": {"ci": ["@runner", "@jobs"]}},
         "netapi_enable_clients": ["runner", "runner_async"],
         "ext_pillar": [{"release_fleet": {}}],
@@ -113,8 +123,18 @@ def github(body, delivery, event="push", secret=SECRET):
             "X-Hub-Signature-256": hook.github_signature(secret, body)}
 
 
-def push_body(ref, pusher="alice", **extra):
-    return json.dumps(dict({"ref": ref, "after": "1" * 40, "pusher": {"name": pusher}}, **extra)).encode()
+def push_body(cluster, ref, pusher="alice", **extra):
+    """A push of ``ref`` as the sender writes it: ``after`` is what the ref names now."""
+    return json.dumps(dict({"ref": ref, "after": ref_id(cluster, ref), "pusher": {"name": pusher}},
+                           **extra)).encode()
+
+
+def ref_id(cluster, ref):
+    return git_out(cluster.release_config["projects"]["rainbow"]["repo"], "rev-parse", ref)
+
+
+def git_out(repo, *args):
+    return subprocess.run(["git", "-C", repo, *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
 def current(cluster, minion):
@@ -145,7 +165,7 @@ def refused(ret, seen, reason):
 
 
 def test_signed_github_push_deploys_once_per_delivery(m7):
-    body = push_body("refs/heads/master", pusher="alice")
+    body = push_body(m7, "refs/heads/master", pusher="alice")
     ret, seen = hook_call(m7, body, github(body, "gh-1"))
     deployed = ret["deploys"]["test"]
     assert ret["result"] and deployed["result"], ret
@@ -166,7 +186,7 @@ def test_signed_github_push_deploys_once_per_delivery(m7):
 
 def test_wrong_or_missing_signature_is_refused_and_recorded(m7):
     before = [current(m7, m) for m in MINIONS]
-    body = push_body("refs/heads/release/2.0", pusher="mallory")
+    body = push_body(m7, "refs/heads/release/2.0", pusher="mallory")
     ret, seen = hook_call(m7, body, github(body, "gh-bad", secret="guessed"))
     refused(ret, seen, "bad-signature")
     unsigned = {k: v for k, v in github(body, "gh-none").items() if k != "X-Hub-Signature-256"}
@@ -179,10 +199,10 @@ def test_wrong_or_missing_signature_is_refused_and_recorded(m7):
 
 
 def test_unknown_project_oversize_and_malformed_bodies_are_refused(m7):
-    body = push_body("refs/heads/master")
+    body = push_body(m7, "refs/heads/master")
     ret, seen = hook_call(m7, body, github(body, "gh-unknown"), project="nosuch")
     refused(ret, seen, "unknown-project")
-    big = push_body("refs/heads/master", padding="x" * 9000)
+    big = push_body(m7, "refs/heads/master", padding="x" * 9000)
     ret, seen = hook_call(m7, big, github(big, "gh-big"))
     refused(ret, seen, "too-large")
     # salt-api itself answers 400 to malformed application/json and fires nothing;
@@ -195,19 +215,29 @@ def test_unknown_project_oversize_and_malformed_bodies_are_refused(m7):
     assert "nosuch" in projects
 
 
-def test_pings_and_production_tags_deploy_nothing(m7):
+def test_pings_deploy_nothing(m7):
     before = len(rows(m7, "SELECT id FROM runs WHERE kind = 'deploy'"))
     ping = json.dumps({"zen": "Design for failure.", "hook_id": 1}).encode()
     ret, _ = hook_call(m7, ping, github(ping, "gh-ping", event="ping"))
     assert ret["result"] and ret["deploys"] == {} and "ping" in ret["comment"]
-    tag = push_body("refs/tags/v1.1.0")
-    ret, _ = hook_call(m7, tag, github(tag, "gh-tag"))
-    assert ret["deploys"] == {} and "auto: true" in ret["comment"], ret
     assert len(rows(m7, "SELECT id FROM runs WHERE kind = 'deploy'")) == before
 
 
+def test_a_body_salt_trims_on_the_bus_is_refused_as_too_large(m7):
+    # ~1.1 MB, signed, under bigbody's own 4 MiB limit: salt-api still answers 200 (no 413),
+    # and the body reaches the reactor as VALUE_TRIMMED, whose signature never matches.
+    big = push_body(m7, "refs/heads/master", padding="x" * 1_100_000)
+    ret, seen = hook_call(m7, big, github(big, "gh-huge"), project="bigbody")
+    refused(ret, seen, "too-large")
+    assert "trimmed" in ret["error"], ret
+    row = rows(m7, "SELECT * FROM runs WHERE project = 'bigbody' AND kind = 'refused' ORDER BY id DESC")[0]
+    assert json.loads(row["details"])["reason"] == "too-large" and "trimmed" in row["error"]
+    assert not rows(m7, "SELECT id FROM runs WHERE project = 'bigbody' AND kind = 'deploy'")
+
+
 def test_gitlab_token_deploys_and_stays_out_of_job_args_and_history(m7):
-    body = json.dumps({"object_kind": "push", "ref": "refs/heads/release/2.0", "after": "2" * 40,
+    ref = "refs/heads/release/2.0"
+    body = json.dumps({"object_kind": "push", "ref": ref, "after": ref_id(m7, ref),
                        "user_username": "gitlab-bob"}).encode()
     headers = {"Content-Type": "application/json", "X-Gitlab-Event": "Push Hook",
                "X-Gitlab-Event-UUID": "gl-1", "X-Gitlab-Token": SECRET}
@@ -227,7 +257,7 @@ def test_gitlab_token_deploys_and_stays_out_of_job_args_and_history(m7):
 def test_push_while_locked_is_refused_then_redelivery_deploys(m7):
     path = locking.lock_path(m7.release_config["state_dir"], "rainbow", "test")
     owner = locking.acquire(path, "ops", "manual", "maintenance")
-    body = push_body("refs/heads/master", pusher="carol")
+    body = push_body(m7, "refs/heads/master", pusher="carol")
     try:
         ret, seen = hook_call(m7, body, github(body, "gh-locked"))
     finally:
@@ -264,7 +294,8 @@ def test_ci_script_deploys_through_salt_api_run_and_streams_progress(m7):
 
 
 def fleet_release(m7):
-    return rows(m7, "SELECT release FROM runs WHERE kind = 'deploy' AND result = 1 ORDER BY id DESC LIMIT 1")[0]["release"]
+    last = "SELECT release FROM runs WHERE kind = 'deploy' AND result = 1 ORDER BY id DESC LIMIT 1"
+    return rows(m7, last)[0]["release"]
 
 
 def state_apply(m7, minion, *args):
@@ -300,8 +331,7 @@ def test_highstate_gives_a_new_node_the_fleet_release(m7):
     result, state = state_apply(m7, "m7-web1")
     assert state["result"] is True and state["changes"] == {"old": None, "new": fleet}, state
     assert current(m7, "m7-web1") == fleet
-    manifest = json.load(open(os.path.join(node, "rainbow", "current", "RELEASE.json"), encoding="utf-8"))
-    assert manifest["name"] == fleet
+    assert node_manifest(m7, "m7-web1")["name"] == fleet
 
 
 def test_a_release_named_by_hand_is_found_with_its_staged_checksum(m7):
@@ -311,9 +341,77 @@ def test_a_release_named_by_hand_is_found_with_its_staged_checksum(m7):
     pinned = next(f[: -len(".tar.gz")] for f in staged if "_release-2.0_" in f)
     tarball = os.path.join(m7.release_config["artifact_root"], "rainbow", pinned + ".tar.gz")
     with open(tarball + ".sha256", encoding="utf-8") as handle:
-        assert handle.read().split()[0] == hashlib.sha256(open(tarball, "rb").read()).hexdigest()
+        recorded = handle.read().split()[0]
+    with open(tarball, "rb") as handle:
+        assert recorded == hashlib.sha256(handle.read()).hexdigest()
     result = m7.salt_cli.run("state.single", "release.deployed", "rainbow", f"release={pinned}",
                              minion_tgt="m7-web1")
     state = next(iter(result.data.values()))
     assert state["result"] is True and state["changes"]["new"] == pinned, state
     assert current(m7, "m7-web1") == pinned
+
+
+# ---------------------------------------------------------------- exact refs, production flag
+# Last: these deploy "pro" onto the nodes the tests above judge by "test".
+
+
+def node_manifest(cluster, minion):
+    path = os.path.join(cluster.nodes_root, "m7", minion, "rainbow", "current", "RELEASE.json")
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def test_a_tag_push_deploys_the_tags_commit_to_non_production_only(m7):
+    repo = m7.release_config["projects"]["rainbow"]["repo"]
+    # "pro" shares m7-web1..2 with "test", and a node refuses a fence lower than the last
+    # deploy's of any environment: start pro's fence counter above test's.
+    fence = locking.lock_path(m7.release_config["state_dir"], "rainbow", "pro") + ".fence"
+    os.makedirs(os.path.dirname(fence), exist_ok=True)
+    with open(fence, "w", encoding="utf-8") as handle:
+        handle.write("1000\n")
+    # A branch named like the tag, on another commit: a bare "v1.1.0" would be ambiguous.
+    git_out(repo, "branch", "v1.1.0", "release/2.0")
+    try:
+        tag_commit = git_out(repo, "rev-parse", "refs/tags/v1.1.0^{commit}")
+        assert git_out(repo, "rev-parse", "refs/heads/v1.1.0") != tag_commit
+        body = push_body(m7, "refs/tags/v1.1.0", pusher="tagger")  # after: the annotated tag's own id
+        ret, _ = hook_call(m7, body, github(body, "gh-tag-exact"))
+    finally:
+        git_out(repo, "branch", "-D", "v1.1.0")
+    # "pro" has no production flag: a plain environment. "live" says production: true, no auto: true.
+    assert sorted(ret["deploys"]) == ["pro"], ret
+    assert ret["deploys"]["pro"]["result"], json.dumps(ret["deploys"]["pro"], default=str)[:3000]
+    assert ret["ref"] == "refs/tags/v1.1.0"
+    for minion in MINIONS:
+        manifest = node_manifest(m7, minion)
+        assert (manifest["commit"], manifest["full_ref"]) == (tag_commit, "refs/tags/v1.1.0"), manifest
+    assert not rows(m7, "SELECT id FROM runs WHERE env = 'live' AND kind = 'deploy'")
+
+
+def test_a_push_whose_ref_moved_since_deploys_nothing(m7):
+    before = [current(m7, m) for m in MINIONS]
+    body = json.dumps({"ref": "refs/heads/master", "after": ref_id(m7, "refs/tags/v1.0.0"),
+                       "pusher": {"name": "late"}}).encode()
+    ret, _ = hook_call(m7, body, github(body, "gh-raced"))
+    deployed = ret["deploys"]["test"]
+    assert not deployed["result"] and "newer push raced" in deployed["error"], deployed
+    assert [current(m7, m) for m in MINIONS] == before
+
+
+def test_what_the_master_keeps_is_private_after_real_deploys(m7):
+    def mode(path):
+        return stat.S_IMODE(os.lstat(path).st_mode)
+
+    state = m7.release_config["state_dir"]
+    assert mode(state) == 0o700
+    history = [n for n in os.listdir(state) if n.startswith("history.db")]
+    assert history and all(mode(os.path.join(state, n)) == 0o600 for n in history), history
+    locks = os.path.join(state, "locks")
+    assert os.listdir(locks) and all(mode(os.path.join(locks, n)) == 0o600 for n in os.listdir(locks))
+    published = os.path.join(state, "fleet", "rainbow")
+    assert os.listdir(published) and all(mode(os.path.join(published, n)) in (0o600, 0o640)
+                                         for n in os.listdir(published))
+    staged = os.path.join(m7.release_config["artifact_root"], "rainbow")
+    assert os.listdir(staged)
+    for name in os.listdir(staged):
+        assert mode(os.path.join(staged, name)) in (0o600, 0o640), name

@@ -3,8 +3,9 @@
 import base64
 import json
 
-import _release_webhook as hook
 import pytest
+
+import _release_webhook as hook
 
 GITHUB_SECRET = "It's a Secret to Everybody"
 CONFIG = {
@@ -84,6 +85,17 @@ def test_size_limit_and_malformed_json():
     assert hook.parse_payload(form, {"Content-Type": "application/x-www-form-urlencoded"})["ref"] == "refs/heads/dev"
 
 
+def test_a_body_salt_trimmed_on_the_bus_is_too_large_not_bad_signature():
+    with pytest.raises(hook.Refused, match="trimmed on Salt's event bus") as exc:
+        hook.read_push("rainbow", b"VALUE_TRIMMED", github_headers(b"VALUE_TRIMMED"), {"rainbow": CONFIG})
+    assert exc.value.reason == "too-large"
+    body = b'{"ref": "refs/heads/dev"}'
+    with pytest.raises(hook.Refused) as exc:
+        hook.check_size(body, CONFIG, {"Content-Length": str(len(body) + 1)})
+    assert exc.value.reason == "too-large"
+    hook.check_size(body, CONFIG, {"Content-Length": str(len(body))})
+
+
 def test_pings_other_events_and_deletions_are_ignored():
     with pytest.raises(hook.Ignored, match="ping"):
         hook.pushed_ref("github", {"X-Github-Event": "ping"}, {"zen": "x"})
@@ -91,19 +103,30 @@ def test_pings_other_events_and_deletions_are_ignored():
         hook.pushed_ref("github", {"X-Github-Event": "issues"}, {})
     with pytest.raises(hook.Ignored, match="deleted"):
         hook.pushed_ref("github", {"X-Github-Event": "push"}, {"ref": "refs/heads/dev", "deleted": True})
-    assert hook.pushed_ref("gitlab", {"X-Gitlab-Event": "Tag Push Hook"}, {"ref": "refs/tags/v2"}) == ("tag", "v2")
+    assert hook.pushed_ref("gitlab", {"X-Gitlab-Event": "Tag Push Hook"}, {"ref": "refs/tags/v2"}) == (
+        "tag", "v2", "refs/tags/v2")
     assert hook.pushed_ref("github", {"X-Github-Event": "push"}, {"ref": "refs/heads/release/2.0"}) == (
-        "branch", "release/2.0")
+        "branch", "release/2.0", "refs/heads/release/2.0")
 
 
 def test_refs_map_to_environments_and_production_needs_auto():
     assert hook.environments_for(CONFIG, "branch", "dev") == ["dev"]
     assert hook.environments_for(CONFIG, "branch", "release/2.0") == ["test"]
     assert hook.environments_for(CONFIG, "branch", "feature/x") == []
-    # pro (by name) and live (production: true) have no auto: true
-    assert hook.environments_for(CONFIG, "tag", "v1.2.0") == ["pre"]
-    auto = dict(CONFIG, triggers=dict(CONFIG["triggers"], pro={"tags": ["v*"], "auto": True}))
-    assert hook.environments_for(auto, "tag", "v1.2.0") == ["pre", "pro"]
+    # live says production: true and has no auto: true; pro is only a name, not production
+    assert hook.environments_for(CONFIG, "tag", "v1.2.0") == ["pre", "pro"]
+    auto = dict(CONFIG, triggers=dict(CONFIG["triggers"], live={"tags": ["v*"], "auto": True}))
+    assert hook.environments_for(auto, "tag", "v1.2.0") == ["live", "pre", "pro"]
+
+
+@pytest.mark.parametrize("name", ["pro", "prod", "production", "live"])
+def test_production_is_the_flag_never_the_name(name):
+    assert not hook.is_production({})
+    assert not hook.is_production({"production": "yes"})  # only a real true
+    config = {"environments": {name: {"production": True}}, "triggers": {name: {"tags": ["v*"]}}}
+    assert hook.environments_for(config, "tag", "v1") == []
+    config["environments"][name] = {}
+    assert hook.environments_for(config, "tag", "v1") == [name]
 
 
 def test_unknown_or_bad_project_is_refused():
@@ -119,16 +142,19 @@ def test_a_delivery_is_claimed_once_by_id_and_by_body(tmp_path):
     assert hook.claim_delivery(str(tmp_path), "rainbow", first)
     assert not hook.claim_delivery(str(tmp_path), "rainbow", first)
     # the same signed body under a new delivery id is a replay
-    assert not hook.claim_delivery(str(tmp_path), "rainbow", hook.delivery_keys(github_headers(body, delivery="d-2"), body))
+    replayed = hook.delivery_keys(github_headers(body, delivery="d-2"), body)
+    assert not hook.claim_delivery(str(tmp_path), "rainbow", replayed)
     # the failed claim above must not have left d-2 claimed
     other = b'{"ref": "refs/heads/dev", "after": "1"}'
-    assert hook.claim_delivery(str(tmp_path), "rainbow", hook.delivery_keys(github_headers(other, delivery="d-2"), other))
+    fresh = hook.delivery_keys(github_headers(other, delivery="d-2"), other)
+    assert hook.claim_delivery(str(tmp_path), "rainbow", fresh)
     hook.forget_delivery(str(tmp_path), "rainbow", first)
     assert hook.claim_delivery(str(tmp_path), "rainbow", first)
 
 
 def test_read_push_names_pusher_and_envs():
-    body = json.dumps({"ref": "refs/heads/release/2.0", "pusher": {"name": "alice"}}).encode()
+    body = json.dumps({"ref": "refs/heads/release/2.0", "after": "A" * 40, "pusher": {"name": "alice"}}).encode()
     push = hook.read_push("rainbow", body, github_headers(body), {"rainbow": CONFIG})
     assert (push["sender"], push["kind"], push["ref"], push["author"], push["envs"], push["delivery"]) == (
         "github", "branch", "release/2.0", "alice", ["test"], "d-1")
+    assert (push["full_ref"], push["after"]) == ("refs/heads/release/2.0", "a" * 40)
