@@ -174,7 +174,7 @@ def test_links_planted_in_shared_carry_nothing_out(m12, canaries):
         os.symlink(target, os.path.join(storage, name))
         os.lchown(os.path.join(storage, name), app.pw_uid, app.pw_gid)
     before = [(os.stat(p).st_uid, os.stat(p).st_gid, os.stat(p).st_mode) for p in (folder, file)]
-    write_pillar(m12, shared=["storage", "storage/x", "storage/planted/sub"])
+    write_pillar(m12, shared=["storage", "storage/planted/sub", "storage/x"])
     try:
         result, ret = deploy(m12, "master")
         assert result.returncode != 0 and "not a plain directory" in json.dumps(ret), ret
