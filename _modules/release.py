@@ -29,6 +29,7 @@ from salt.exceptions import CommandExecutionError
 import release_contract as contract
 import release_node as node
 import release_retention as retention
+import release_safe_fs as safe_fs
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def _release_names(paths):
 
 def _reported(project, env, phase, release):
     """Wrap a phase: run ``work``, time it and report it on the bus, failed or not."""
-    return lambda work: node.reported((__opts__, __salt__), project, env, phase, release, work, _event_extra)
+    loader = (__opts__, __salt__, __pillar__)
+    return lambda work: node.reported(loader, project, env, phase, release, work, _event_extra)
 
 
 def _event_extra(result):
@@ -121,9 +123,13 @@ def _link_shared(release_dir, paths, settings):
     uid, gid = node.app_ids(settings.get("user"))
     for rel in settings["shared"]:
         shared_path = os.path.join(paths["shared"], rel)
-        if not os.path.isdir(shared_path):
-            os.makedirs(shared_path, mode=0o755)
-            os.chown(shared_path, uid, gid)
+        # The app user owns shared/ folders: a link planted there must not carry root's mkdir/chown out.
+        fd, created = safe_fs.make_dirs(paths["shared"], rel)
+        try:
+            if created:
+                os.fchown(fd, uid, gid)
+        finally:
+            os.close(fd)
         in_release = os.path.join(release_dir, rel)
         if os.path.islink(in_release) or os.path.isfile(in_release):
             os.unlink(in_release)
@@ -242,7 +248,6 @@ def install(project, name, source, source_hash, env=None, fence=None,
         _check_name(name)
         settings = _settings(project)
         paths = node.ensure_layout(settings)
-        _remember(project, settings)
         _check_fence(project, fence)
         target = os.path.join(paths["releases"], name)
         expected = node.sha256_of(source_hash)
@@ -251,10 +256,14 @@ def install(project, name, source, source_hash, env=None, fence=None,
                 raise CommandExecutionError(
                     f"release {name} is already installed from a different artifact; refusing to replace it"
                 )
-            return contract.install_return(name, target, changed=False)
-        offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
-        return contract.install_return(name, target, True, **_unpacked_release(
-            paths, name, source, expected, settings, offer))
+            result = contract.install_return(name, target, changed=False)
+        else:
+            offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
+            result = contract.install_return(name, target, True, **_unpacked_release(
+                paths, name, source, expected, settings, offer))
+        # Only now: a failed install must leave the settings that rollback (--local) relies on.
+        _remember(project, settings)
+        return result
 
     return _reported(project, env, "install", name)(work)
 

@@ -15,8 +15,10 @@ configuration that went with it::
         secrets:                                                   # '#!yaml|gpg' in real pillar
           db_password: ...
 
-Templates see ``pillar``, ``grains``, ``secrets`` (``release:<project>:secrets``)
-and ``release`` (the release manifest). Undefined names are errors.
+Templates see ``pillar`` (only ``release:<project>``, plus the top-level
+keys listed in ``release:<project>:context_pillar``), ``grains``, ``secrets``
+(``release:<project>:secrets``) and ``release`` (the release manifest).
+Undefined names are errors.
 
 Secrets never leave the rendered files: returns and events name each file
 with its sha256, and error messages carry the file, the line and the kind of
@@ -78,28 +80,20 @@ def _project_pillar(project):
     return (__pillar__.get("release") or {}).get(project) or {}
 
 
-def _secret_values(secrets):
-    """Every leaf string of the secrets, longest first, to scrub from messages."""
-    found = []
-
-    def walk(value):
-        if isinstance(value, dict):
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                walk(item)
-        elif value is not None and len(str(value)) >= 3:
-            found.append(str(value))
-
-    walk(secrets)
-    return sorted(set(found), key=len, reverse=True)
-
-
-def _scrub(text, secret_values):
-    for value in secret_values:
-        text = text.replace(value, "***")
-    return text
+def _template_pillar(project, conf):
+    """
+    The pillar a template sees: its own ``release:<project>`` only, plus the
+    top-level keys ``release:<project>:context_pillar`` lists. Another
+    project's settings and secrets stay out of reach.
+    """
+    keys = conf.get("context_pillar") or []
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or "release" in keys:
+        raise CommandExecutionError(
+            f"release:{project}:context_pillar must be a list of top-level pillar keys other than 'release'"
+        )
+    scoped = {key: __pillar__[key] for key in keys if key in __pillar__}
+    scoped["release"] = {project: conf}
+    return scoped
 
 
 # ---------------------------------------------------------------- paths and modes
@@ -207,7 +201,7 @@ def _render_one(target, text, context, secret_values):
     except Exception as exc:  # noqa: BLE001
         # Other messages may quote values (int('<secret>')): the type and line only.
         detail = f"{type(exc).__name__} at line {_template_line(exc)}"
-    raise CommandExecutionError(f"{target}: {_scrub(detail, secret_values)}") from None
+    raise CommandExecutionError(f"{target}: {node.scrub(detail, secret_values)}") from None
 
 
 def _template_line(exc):
@@ -225,8 +219,9 @@ def _rendered(project, release_dir, manifest):
     if not isinstance(files, dict):
         raise CommandExecutionError(f"release:{project}:files must be a mapping of path to spec")
     secrets = conf.get("secrets") or {}
-    secret_values = _secret_values(secrets)
-    context = {"pillar": __pillar__, "grains": __grains__, "secrets": secrets, "release": manifest}
+    secret_values = node.secret_values(__pillar__, project)
+    context = {"pillar": _template_pillar(project, conf), "grains": __grains__, "secrets": secrets,
+               "release": manifest}
     out = {}
     for target in sorted(files):
         spec = files[target] or {}
@@ -283,9 +278,10 @@ def _write_index(release_dir, hashes):
     path = os.path.join(release_dir, INDEX_NAME)
     if os.path.lexists(path):  # never write into a file a delta install hardlinked from the base release
         os.unlink(path)
-    with open(path, "w", encoding="utf-8") as handle:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o644)
         json.dump(hashes, handle, indent=1, sort_keys=True)
-    os.chmod(path, 0o644)
 
 
 # ---------------------------------------------------------------- events
@@ -294,7 +290,7 @@ def _write_index(release_dir, hashes):
 def _reported(project, env, release, dry_run, work):
     """Report the configure phase on the master bus: file names and sha256 only."""
     return node.reported(
-        (__opts__, __salt__), project, env, "configure", release, work, timed=False,
+        (__opts__, __salt__, __pillar__), project, env, "configure", release, work, timed=False,
         summary=lambda result: {"files": result["files"] if result else {}, "dry_run": dry_run},
     )
 

@@ -215,9 +215,12 @@ def _reset_script(stack):
     except OSError:
         pass
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), 0o644)
         handle.write(RESET_SCRIPT)
-    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 
@@ -417,9 +420,14 @@ def reload(project, release=None):
         raise CommandExecutionError(
             f"release:{project}:stack:kind must be one of {', '.join(sorted(HANDLERS))}, got {kind!r}"
         )
+    # Commands may print rendered config: their output and errors leave with the secrets scrubbed.
+    secrets = node.secret_values(__pillar__, project)
     try:
         steps = HANDLERS[kind](stack)
     except CommandExecutionError as exc:
         where = f" after the switch to {release}" if release else ""
-        raise CommandExecutionError(f"{kind} handler failed{where}: {exc}")
+        raise CommandExecutionError(node.scrub(f"{kind} handler failed{where}: {exc}", secrets)) from None
+    for step in steps:
+        if "output" in step:
+            step["output"] = node.scrub(step["output"], secrets)
     return {"result": True, "kind": kind, "steps": steps, "duration_s": round(time.monotonic() - started, 3)}

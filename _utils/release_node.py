@@ -18,6 +18,7 @@ import logging
 import os
 import pwd
 import shutil
+import stat
 import time
 
 from salt.exceptions import CommandExecutionError
@@ -33,6 +34,11 @@ PARTIAL_SUFFIX = ".partial"
 STAGING_DIR = ".staging"
 # A .partial or staged tree younger than this may belong to a deploy running now.
 PARTIAL_MIN_AGE_S = 600
+# deploy_to must lie strictly below these: a release tree there would mix with the system's own files.
+SYSTEM_DIRS = frozenset((
+    "/", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/boot", "/dev", "/proc",
+    "/sys", "/run", "/var", "/home", "/root", "/tmp", "/opt", "/srv", "/mnt", "/media",
+))
 
 
 # ---------------------------------------------------------------- settings and cache
@@ -85,8 +91,7 @@ def settings(opts, pillar, project):
         raise CommandExecutionError(
             f"no release:{project}:deploy_to in this node's pillar and no record of an earlier install"
         )
-    if not os.path.isabs(deploy_to):
-        raise CommandExecutionError(f"release:{project}:deploy_to must be absolute, got {deploy_to!r}")
+    check_deploy_to(project, deploy_to, view.get("user"))
     shared = view.get("shared") or []
     for path in shared:
         check_relative(path, "shared path")
@@ -94,6 +99,81 @@ def settings(opts, pillar, project):
         "deploy_to": deploy_to, "user": view.get("user"), "shared": list(shared),
         "keep_releases": int(view.get("keep_releases", 5)), "stack": view.get("stack"),
     }
+
+
+def check_deploy_to(project, deploy_to, user):
+    """
+    Refuse a ``deploy_to`` where root's installs would land among system
+    files, or whose existing folders the app user could swap for a link.
+    """
+    key = f"release:{project}:deploy_to"
+    if (not isinstance(deploy_to, str) or not os.path.isabs(deploy_to) or deploy_to.startswith("//")
+            or os.path.normpath(deploy_to) != deploy_to):
+        raise CommandExecutionError(
+            f"{key} must be an absolute, normalised path (no '..', '.', '//' or trailing '/'), got {deploy_to!r}"
+        )
+    if deploy_to in SYSTEM_DIRS:
+        raise CommandExecutionError(
+            f"{key} is {deploy_to}, a system directory: use a folder below it, such as /srv/www/{project}"
+        )
+    app_uid = app_ids(user)[0] if user else None
+    for prefix in _prefixes(deploy_to):
+        problem = _unsafe_component(prefix, app_uid)
+        if problem:
+            raise CommandExecutionError(f"{key}: {prefix} {problem}; root's installs would follow its links")
+
+
+def _prefixes(path):
+    parts = path.strip("/").split("/")
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _unsafe_component(path, app_uid):
+    """Why the app user (or anyone) could replace what lies below ``path``, or None."""
+    try:
+        found = os.lstat(path)
+        if stat.S_ISLNK(found.st_mode):
+            if app_uid and found.st_uid == app_uid:
+                return "is a link owned by the app user"
+            found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot be checked: {exc.strerror}"
+    if app_uid and found.st_uid == app_uid:
+        return "is owned by the app user"
+    if found.st_mode & 0o022 and not found.st_mode & stat.S_ISVTX:
+        return "is group or other writable without the sticky bit"
+    return None
+
+
+# ---------------------------------------------------------------- secrets
+
+
+def secret_values(pillar, project):
+    """Every leaf string of ``release:<project>:secrets``, longest first, to scrub from messages."""
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+        elif value is not None and len(str(value)) >= 3:
+            found.append(str(value))
+
+    walk(((pillar.get("release") or {}).get(project) or {}).get("secrets") or {})
+    return sorted(set(found), key=len, reverse=True)
+
+
+def scrub(text, values):
+    """``text`` with every secret value replaced by ``***``."""
+    text = str(text)
+    for value in values:
+        text = text.replace(value, "***")
+    return text
 
 
 def check_relative(path, what):
@@ -119,11 +199,12 @@ def app_ids(user):
 def reported(loader, project, env, phase, release, work, summary=None, timed=True):
     """
     Run ``work()``, time it and report the phase on the master's bus, failed
-    or not (nothing when masterless). ``loader`` is ``(__opts__, __salt__)``;
-    ``summary(result or None)`` gives the event's extra keys; ``timed`` adds
-    ``duration_s`` to the result.
+    or not (nothing when masterless). ``loader`` is ``(__opts__, __salt__,
+    __pillar__)``; ``summary(result or None)`` gives the event's extra keys;
+    ``timed`` adds ``duration_s`` to the result. An error leaves with the
+    project's secrets scrubbed, whatever raised it.
     """
-    opts, salt = loader
+    opts, salt, pillar = loader
     summary = summary or (lambda result: {})
     started = time.monotonic()
 
@@ -135,9 +216,11 @@ def reported(loader, project, env, phase, release, work, summary=None, timed=Tru
 
     try:
         result = work()
-    except CommandExecutionError as exc:
-        fire(None, error=str(exc))
-        raise
+    except Exception as exc:  # noqa: BLE001 - whatever raised, its text leaves scrubbed
+        text = str(exc) if isinstance(exc, CommandExecutionError) else f"{type(exc).__name__}: {exc}"
+        message = scrub(text, secret_values(pillar, project))
+        fire(None, error=message)
+        raise CommandExecutionError(message) from None
     if timed:
         result["duration_s"] = round(time.monotonic() - started, 3)
     fire(result)

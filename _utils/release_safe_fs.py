@@ -1,7 +1,7 @@
 """
-Removing files under a directory an unprivileged user owns, as root,
-without following a link they may have planted: every step goes through
-directory descriptors opened with ``O_NOFOLLOW``.
+Creating and removing files under a directory an unprivileged user owns, as
+root, without following a link they may have planted: every step goes
+through directory descriptors opened with ``O_NOFOLLOW``.
 
 Standard library and Salt only.
 """
@@ -19,7 +19,7 @@ def open_dir(dir_fd, name):
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise CommandExecutionError(f"{name} is not a plain directory, refusing to clean through it: {exc}")
+        raise CommandExecutionError(f"{name} is not a plain directory, refusing to go through it: {exc}")
 
 
 def remove(dir_fd, name):
@@ -57,3 +57,30 @@ def clean_below(base, parts, names):
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def make_dirs(base, rel, mode=0o755):
+    """
+    Open base/rel as a directory, creating the missing parts (owned by the
+    caller), never through a link. Returns ``(fd, created)``: the caller
+    closes ``fd``; ``created`` says whether the last part was made now.
+    """
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    created = False
+    try:
+        for part in [p for p in rel.split("/") if p not in ("", ".")]:
+            try:
+                os.mkdir(part, mode, dir_fd=fd)
+                created = True
+            except FileExistsError:
+                created = False
+            inner = open_dir(fd, part)
+            os.close(fd)
+            fd = inner
+            if fd is None:
+                raise CommandExecutionError(f"{part} vanished while creating {rel} in {base}")
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    return fd, created
