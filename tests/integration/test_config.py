@@ -50,7 +50,8 @@ RELEASE_SLS = textwrap.dedent(
 )
 ENV_DEFAULT_SLS = "release:\n  rainbow:\n    db_host: 10.0.0.10\n"
 NODE_SLS = "release:\n  rainbow:\n    db_host: {host}\n"
-CRON_SLS = "release:\n  rainbow:\n    files:\n      crontab.xml: {contents: '<cron>* * * * * php artisan schedule:run</cron>'}\n"
+CRON_SLS = ("release:\n  rainbow:\n    files:\n"
+            "      crontab.xml: {contents: '<cron>* * * * * php artisan schedule:run</cron>'}\n")
 
 
 # ---------------------------------------------------------------- gpg
@@ -355,7 +356,7 @@ def _holders(root, needles, skip=()):
 def test_canary_secret_appears_only_in_rendered_files(m3):
     needles = (CANARY, PAY_CANARY)
     # Secrets reached the nodes, in the rendered files only.
-    for minion, daemon in zip(MINIONS, m3.minions):
+    for minion, daemon in zip(MINIONS, m3.minions, strict=True):
         holders = _holders(m3.deploy_to(minion), needles)
         assert holders, f"no rendered secret on {minion}"
         for path in holders:

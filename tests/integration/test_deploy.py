@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+
 import release_contract as contract
 
 MINIONS = ("web1", "web2", "web3")
