@@ -90,7 +90,7 @@ def faults(salt_factories, app_repo, tmp_path_factory, app_ports, nginx):
     file_root = make_file_root(str(tmp_path_factory.mktemp("f3files") / "base"))
     environments = {p: environment(nginx) for p in PROJECTS}
     # Waves with their own batches; the environment's batch is left at its default of 100%.
-    environments["wavebad"] = {k: v for k, v in environment(nginx, waves=WAVES).items() if k != "batch"}
+    environments["wavebad"] = {k: v for k, v in environment(nginx, waves=WAVES).items() if k not in ("batch", "target")}
     release_config = {
         "artifact_root": os.path.join(file_root, "releases"),
         "state_dir": str(tmp_path_factory.mktemp("f3state")),
