@@ -206,15 +206,17 @@ def _check_fence(project, env, fence):
     Refuse a deploy older than the last one of the same environment that
     touched this node: the runner passes the fence number of its lock, which
     grows with every lock of that project+env. Environments sharing a node
-    keep their own fences (``fences:{env}``); the per-project ``fence`` of
-    older versions is read only for calls without an environment.
+    keep their own fences (``fences:{env}``). A call without an environment
+    is held to the highest fence of any, the per-project ``fence`` of older
+    versions included.
     """
     if fence is None:
         return
     cached = _read_cache(project)
     fences = cached.get("fences") if isinstance(cached.get("fences"), dict) else {}
     key = env or ""
-    seen = _as_fence(fences.get(key, cached.get("fence") if not env else 0))
+    every = [_as_fence(f) for f in list(fences.values()) + [cached.get("fence")]]
+    seen = _as_fence(fences.get(key)) if env else max(every)
     if int(fence) < seen:
         raise CommandExecutionError(
             f"stale deploy refused: fence {fence} is older than {seen}, the last deploy of "

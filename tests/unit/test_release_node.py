@@ -154,6 +154,8 @@ def test_fences_are_kept_per_environment(release, tmp_path):
     with pytest.raises(CommandExecutionError, match="stale deploy refused: fence 2 is older than 3"):
         release.activate("rainbow", NAME, env="test", fence=2)
     release.activate("rainbow", NAME, env="pro", fence=2)
+    with pytest.raises(CommandExecutionError, match="older than 3"):
+        release.activate("rainbow", NAME, fence=2)  # no environment named: held to the highest of all
 
 
 @pytest.mark.parametrize("old", [5, "5", "junk", None])
