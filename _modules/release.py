@@ -396,13 +396,14 @@ def confirm(project, release, env=None):
     return {"result": True, "project": project, "env": env, "release": release, "confirmed": True}
 
 
-def rollback(project, to=None, env=None, fence=None, **kwargs):
+def rollback(project, to=None, env=None, fence=None, avoid=None, **kwargs):
     """
     Switch back to the release this node most recently ran and confirmed
-    healthy (``release.confirm``; never one marked bad, never one only
-    installed), or to the installed release ``to``; the release left is
-    marked bad. Works with the master down (``salt-call --local``): it reads
-    only this node's releases folder and cache.
+    healthy (``release.confirm``; never one marked bad here or named in
+    ``avoid``, the master's bad marks; never one only installed), or to the
+    installed release ``to``; the release left is marked bad. Works with the
+    master down (``salt-call --local``): it reads only this node's releases
+    folder and cache.
 
     CLI Example:
 
@@ -412,7 +413,8 @@ def rollback(project, to=None, env=None, fence=None, **kwargs):
         salt 'web1' release.rollback rainbow to=rainbow_test_v1.0.0_master_2026-11-26_101500_ops
     """
     state = list_(project)
-    target = to or state["rollback_target"]
+    target = to or retention.rollback_target(state["releases"], state["current"], _read_cache(project).get("good"),
+                                             state["bad"] + list(avoid or []))
     if not target:
         raise CommandExecutionError(
             f"{project}: no release that passed its health check here to go back to from {state['current']}"

@@ -185,3 +185,15 @@ def test_rollback_goes_only_to_a_confirmed_release(release, tmp_path):
     with pytest.raises(CommandExecutionError, match="no release that passed its health check here to go back to"):
         release.rollback("rainbow")  # NEWER is bad, 'staged' never ran
     assert release.current("rainbow") == NAME
+
+
+def test_rollback_never_goes_to_a_release_the_master_marked_bad(release, tmp_path):
+    newest = "rainbow_test_v1.2.0_master_2026-11-28_101500_ops"
+    installed(release, tmp_path, NAME, NEWER, newest)
+    for name in (NAME, NEWER, newest):
+        release.activate("rainbow", name)
+        release.confirm("rainbow", name)
+    with pytest.raises(CommandExecutionError, match="no release that passed its health check"):
+        release.rollback("rainbow", avoid=[NEWER, NAME])
+    release.rollback("rainbow", avoid=[NEWER])
+    assert release.current("rainbow") == NAME
