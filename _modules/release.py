@@ -207,20 +207,36 @@ def _installed_hash(release_dir):
         return None
 
 
-def _check_fence(project, fence):
+def _check_fence(project, env, fence):
     """
-    Refuse a deploy older than the last one that touched this node: the
-    runner passes the fence number of its lock, which grows with every lock.
+    Refuse a deploy older than the last one of the same environment that
+    touched this node: the runner passes the fence number of its lock, which
+    grows with every lock of that project+env. Environments sharing a node
+    keep their own fences (``fences:{env}``). A call without an environment
+    is held to the highest fence of any, the per-project ``fence`` of older
+    versions included.
     """
     if fence is None:
         return
-    seen = int(_read_cache(project).get("fence") or 0)
+    cached = _read_cache(project)
+    fences = cached.get("fences") if isinstance(cached.get("fences"), dict) else {}
+    key = env or ""
+    every = [_as_fence(f) for f in list(fences.values()) + [cached.get("fence")]]
+    seen = _as_fence(fences.get(key)) if env else max(every)
     if int(fence) < seen:
         raise CommandExecutionError(
-            f"stale deploy refused: fence {fence} is older than {seen}, the last deploy that touched this node"
+            f"stale deploy refused: fence {fence} is older than {seen}, the last deploy of "
+            f"{env or project} that touched this node"
         )
     if int(fence) > seen:
-        _remember(project, {}, fence=int(fence))
+        _remember(project, {}, fences=dict(fences, **{key: int(fence)}))
+
+
+def _as_fence(value):
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0  # an unreadable fence record refuses nothing rather than everything
 
 
 def install(project, name, source, source_hash, env=None, fence=None,
@@ -248,7 +264,7 @@ def install(project, name, source, source_hash, env=None, fence=None,
         _check_name(name)
         settings = _settings(project)
         paths = node.ensure_layout(settings)
-        _check_fence(project, fence)
+        _check_fence(project, env, fence)
         target = os.path.join(paths["releases"], name)
         expected = node.sha256_of(source_hash)
         if os.path.isdir(target):
@@ -296,11 +312,14 @@ def _switch(paths, name):
 
 def activate(project, name, env=None, fence=None, rollback=False, force=False, **kwargs):
     """
-    Switch ``current`` to an installed release; returns the previous one.
+    Switch ``current`` to an installed release and reload the stack, as one
+    unit: when the reload fails after the switch, ``current`` goes back to
+    the previous release, the stack is reloaded again and the error says
+    both, so the node ends on its old release. Returns the previous one.
     ``fence`` (passed by the runner) refuses a switch from a deploy older than
-    the last one that touched this node. ``rollback=True`` marks the release
-    switched away from as bad; a bad release is only switched to again with
-    ``force=True`` (which clears its mark).
+    the last one of this environment that touched this node. ``rollback=True``
+    marks the release switched away from as bad; a bad release is only
+    switched to again with ``force=True`` (which clears its mark).
 
     CLI Example:
 
@@ -313,7 +332,7 @@ def activate(project, name, env=None, fence=None, rollback=False, force=False, *
         _check_name(name)
         settings = _settings(project)
         paths = node.paths(settings)
-        _check_fence(project, fence)
+        _check_fence(project, env, fence)
         if not os.path.isdir(os.path.join(paths["releases"], name)):
             raise CommandExecutionError(f"release {name} is not installed on this node")
         cached = _read_cache(project)
@@ -323,30 +342,77 @@ def activate(project, name, env=None, fence=None, rollback=False, force=False, *
             )
         previous = _current_name(paths)
         if previous != name:
-            _switch(paths, name)
-            bad = [b for b in cached.get("bad", []) if b != name]
-            if rollback and previous:
-                bad.append(previous)
-            _remember(project, settings, current=name, previous=previous, bad=bad,
-                      history=retention.remember_switch(cached.get("history"), name))
+            bad = [b for b in cached.get("bad", []) if b != name] + ([previous] if rollback and previous else [])
+            _switch_and_remember(project, settings, paths, name, previous, bad)
         result = contract.activate_return(name, previous)
         # After every real switch, and again until one succeeded for this release.
         if settings["stack"] and (previous != name or _read_cache(project).get("reloaded") != name):
-            result["reload"] = _reported(project, env, "reload", name)(
-                lambda: __salt__["release_stack.reload"](project, release=name)
-            )
-            _remember(project, settings, reloaded=name)
+            result["reload"] = _reload_or_switch_back(project, env, settings, paths, name, previous, cached)
         return result
 
     return _reported(project, env, "activate", name)(work)
 
 
-def rollback(project, to=None, env=None, fence=None, **kwargs):
+def _switch_and_remember(project, settings, paths, name, previous, bad):
+    _switch(paths, name)
+    _remember(project, settings, current=name, previous=previous, bad=bad)
+
+
+def _reload(project, env, name):
+    result = _reported(project, env, "reload", name)(lambda: __salt__["release_stack.reload"](project, release=name))
+    _remember(project, {}, reloaded=name)
+    return result
+
+
+def _reload_or_switch_back(project, env, settings, paths, name, previous, before):
+    """Reload the stack on ``name``; on failure go back to ``previous`` (its cache state too) and reload that."""
+    try:
+        return _reload(project, env, name)
+    except CommandExecutionError as exc:
+        failed = f"reload failed on {name}: {exc}"
+        if not previous or previous == name:
+            raise
+    _switch(paths, previous)
+    _remember(project, settings, current=previous, previous=before.get("previous"), bad=before.get("bad", []))
+    try:
+        _reload(project, env, previous)
+        back = "ok"
+    except CommandExecutionError as exc:
+        back = f"failed: {exc}"
+    raise CommandExecutionError(f"{failed}; switched back to {previous} and reloaded: {back}")
+
+
+def confirm(project, release, env=None):
     """
-    Switch back to the release this node ran before the current one (never
-    one marked bad), or to the installed release ``to``; the release left is
-    marked bad. Works with the master down (``salt-call --local``): it reads
-    only this node's releases folder and cache.
+    Record that ``release`` passed its health check on this node (the runner
+    calls it after a good verify; without a health check a good activate
+    counts). Default and emergency rollback targets come only from these
+    confirmed releases. Refused unless ``release`` is what ``current`` runs.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt 'web*' release.confirm rainbow rainbow_test_v1.1.0_master_2026-11-26_101500_ops env=test
+    """
+    _check_name(release)
+    running = _current_name(node.paths(_settings(project)))
+    if running != release:
+        raise CommandExecutionError(f"{release} is not what this node runs ({running}): not confirmed")
+    cached = _read_cache(project)
+    _remember(project, {}, good=retention.remember_good(cached.get("good"), release),
+              bad=[b for b in cached.get("bad", []) if b != release])
+    return {"result": True, "project": project, "env": env, "release": release, "confirmed": True}
+
+
+def rollback(project, to=None, env=None, fence=None, avoid=None, **kwargs):
+    """
+    Switch back to the release this node most recently ran and confirmed
+    healthy (``release.confirm``; never one marked bad here or named in
+    ``avoid``, the master's bad marks; never one only installed), or to the
+    installed release ``to``; the release left is marked bad. Works with the
+    master down (``salt-call --local``): it reads only this node's releases
+    folder and cache.
 
     CLI Example:
 
@@ -356,10 +422,11 @@ def rollback(project, to=None, env=None, fence=None, **kwargs):
         salt 'web1' release.rollback rainbow to=rainbow_test_v1.0.0_master_2026-11-26_101500_ops
     """
     state = list_(project)
-    target = to or state["rollback_target"]
+    target = to or retention.rollback_target(state["releases"], state["current"], _read_cache(project).get("good"),
+                                             state["bad"] + list(avoid or []))
     if not target:
         raise CommandExecutionError(
-            f"{project}: no release to roll back to from {state['current']} (none older that is not marked bad)"
+            f"{project}: no release that passed its health check here to go back to from {state['current']}"
         )
     if target not in state["releases"]:
         raise CommandExecutionError(f"release {target} is not installed on this node")
@@ -368,8 +435,9 @@ def rollback(project, to=None, env=None, fence=None, **kwargs):
 
 def prune(project, keep=None, test=False):
     """
-    Remove old releases: keep the ``keep`` newest (default pillar
-    ``keep_releases``, else 5), never ``current`` or the rollback target;
+    Remove old releases: keep ``keep`` (default pillar ``keep_releases``,
+    else 5), the newest confirmed healthy first, then the newest unconfirmed,
+    bad ones last; never remove ``current`` or the rollback target;
     folders that are not releases are left alone; ``.partial`` leftovers of
     interrupted installs are removed once older than ten minutes. Returns what
     was (with ``test=True``: would be) removed.
@@ -384,7 +452,8 @@ def prune(project, keep=None, test=False):
     keep = int(keep if keep is not None else settings["keep_releases"])
     state = list_(project)
     try:
-        doomed = retention.prunable(state["releases"], state["current"], keep, [state["rollback_target"]])
+        doomed = retention.prunable(state["releases"], state["current"], keep, [state["rollback_target"]],
+                                    good=_read_cache(project).get("good"), bad=state["bad"])
     except ValueError as exc:
         raise CommandExecutionError(str(exc))
     releases_dir = node.paths(settings)["releases"]
@@ -422,7 +491,8 @@ def _remove(releases_dir, entries):
 def list_(project):
     """
     The releases on this node, oldest to newest, which one is current, the
-    one before it, those marked bad and the default rollback target.
+    one before it, those marked bad and the default rollback target (the
+    newest confirmed healthy one, see ``release.confirm``).
 
     CLI Example:
 
@@ -435,7 +505,7 @@ def list_(project):
     cached = _read_cache(project)
     bad = [b for b in cached.get("bad", []) if b in releases]
     return contract.list_return(releases, current, cached.get("previous"), bad,
-                                retention.rollback_target(releases, current, cached.get("history"), bad))
+                                retention.rollback_target(releases, current, cached.get("good"), bad))
 
 
 def current(project):

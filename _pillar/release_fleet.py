@@ -15,6 +15,10 @@ same target the runner deploys to), under ``release_fleet:<project>``::
 
 When several environments' targets match one minion, the most recently
 recorded release wins: it is the last one a good deploy put on that node.
+While a deploy or rollback of that environment holds its lock, the entry
+also says ``locked: true`` and the lock's ``fence``: ``release.deployed``
+then changes nothing (the runner owns the node until it is done). Only the
+default file lock is seen here; a PostgreSQL store's session lock is not.
 
 Master configuration::
 
@@ -51,6 +55,7 @@ def ext_pillar(minion_id, pillar, *args, **kwargs):
         record = _latest_matching(minion_id, config, records)
         if record:
             fleet[project] = {k: record.get(k) for k in ("env", "release", "source", "source_hash")}
+            fleet[project].update(published.deploy_in_progress(conf["state_dir"], project, record["env"]) or {})
     return {"release_fleet": fleet} if fleet else {}
 
 

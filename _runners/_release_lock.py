@@ -17,6 +17,8 @@ import socket
 import time
 import uuid
 
+import release_published as published
+
 
 class LockHeld(Exception):
     """The lock belongs to someone else; ``owner`` says who."""
@@ -26,8 +28,7 @@ class LockHeld(Exception):
         self.owner = owner
 
 
-def lock_path(state_dir, project, env):
-    return os.path.join(state_dir, "locks", f"{project}.{env}.lock")
+lock_path = published.lock_path  # the ext_pillar reads the same file (deploy in progress)
 
 
 def new_owner(user, jid, reason):

@@ -32,13 +32,28 @@ class NothingToRecover(Exception):
 
 
 def dead_run(runs):
-    """The newest deploy/rollback row (``runs`` newest first) when it never finished."""
+    """
+    The newest deploy/rollback row (``runs`` newest first) when it never
+    finished. Runs refused before they held the lock (locked, bad input)
+    touched no node: they never shadow the dead run before them.
+    """
     for row in runs:
-        if row["kind"] in RECOVERABLE:
+        if row["kind"] in RECOVERABLE and not _refused(row):
             if row["result"] is not None:
                 raise NothingToRecover(f"the last {row['kind']} (run {row['id']}) finished: nothing to recover")
             return row
     raise NothingToRecover("no deploy or rollback on record: nothing to recover")
+
+
+def _refused(row):
+    """A finished run that stopped at its lock or its configuration, before any node step."""
+    if row["result"] is None:
+        return False
+    try:
+        details = json.loads(row.get("details") or "{}")
+    except (TypeError, ValueError):
+        return False
+    return isinstance(details, dict) and details.get("failed_step") in ("lock", "configure")
 
 
 def journal(details):

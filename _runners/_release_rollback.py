@@ -66,7 +66,9 @@ def switch_all(run):
     duration is recorded. Without chosen targets each node goes back to its
     own rollback target in that same call.
     """
-    engine = switch.engine(run, rollback=True, force=bool(run.to))
+    # A node picking its own target never picks a release the master marked bad.
+    avoid = [] if run.targets else sorted(run.records.bad_releases(run.project, run.env))
+    engine = switch.engine(run, rollback=True, force=bool(run.to), avoid=avoid)
     started = time.monotonic()
     if run.targets:
         switched, failed = engine.switch_all(run.targets)

@@ -35,6 +35,7 @@ import _release_fleet as fleet
 DEFAULT_HOST_GRAIN = "fqdn_ip4[0]"
 DEFAULT_TIMEOUT_S = 60
 HEALTH_INTERVAL_S = 1.0
+RELOAD_FAILED = "reload failed on "  # release.activate's error when the release ran and its reload failed
 
 
 @dataclasses.dataclass
@@ -137,6 +138,9 @@ class Outcome:
     switched: list = dataclasses.field(default_factory=list)
     failed: list = dataclasses.field(default_factory=list)
     reverted: list = dataclasses.field(default_factory=list)
+    # Nodes where the release ran and failed its own checks (reload, health): only
+    # these make it bad; a node-local error before it ran (staging, config, the switch) does not.
+    failed_checks: list = dataclasses.field(default_factory=list)
     stopped: str = None
 
 
@@ -173,7 +177,7 @@ class Rollout:
         for wave in waves:
             failed_here = []
             for number, batch in enumerate(wave.batches, 1):
-                switched, failed = self._batch(batch, targets, total)
+                switched, failed = self._batch(batch, targets, total, outcome)
                 outcome.switched.extend(switched)
                 failed_here.extend(failed)
                 self._revert_failed(failed, outcome)
@@ -290,17 +294,20 @@ class Rollout:
 
     # ------------------------------------------------------------ one batch
 
-    def _batch(self, batch, targets, total):
+    def _batch(self, batch, targets, total, outcome):
         """drain -> activate -> verify -> undrain; returns (switched, failed)."""
         started = time.monotonic()
         if not self._drain(batch):
             return [], list(batch)
         switched, failed = self._switch(batch, targets)
+        outcome.failed_checks += [m for m in failed if RELOAD_FAILED in str(self.errors.get(m))]
         running = self._read_back(failed)
         # A switch that failed after the symlink moved (its reload) left the node on the new
         # release: it counts as switched, so a rollback takes it back, and it stays out.
         switched += [m for m in failed if m in running and running[m] == targets[m]]
         healthy, sick = self._verify([m for m in switched if m not in failed], targets)
+        self._confirm(healthy, targets)
+        outcome.failed_checks += sick
         # A node still on its old release goes back in if that one is healthy; one whose
         # release is unknown stays out.
         kept = [m for m in failed if running.get(m) and running[m] == self.previous.get(m)]
@@ -322,6 +329,7 @@ class Rollout:
         time.sleep(wave.bake_s)
         live = [m for m in wave.minions if m in outcome.switched and m not in outcome.reverted]
         _, sick = self._verify(live, targets)
+        outcome.failed_checks += sick
         if sick:
             self._drain(sick)
             self._revert_failed(sick, outcome)
@@ -369,6 +377,15 @@ class Rollout:
             self._report(minion, "verify", ok, time.monotonic() - started, problem, targets[minion])
         self._read_back(sick)
         return healthy, sick
+
+    def _confirm(self, minions, targets):
+        """Nodes remember the release that passed its check: their only rollback targets (one call per release)."""
+        for release in sorted({targets[m] for m in minions}):
+            group = [m for m in minions if targets[m] == release]
+            outcomes = self._call(group, "release.confirm", arg=[self.project, release], kwarg={"env": self.env})
+            for minion, (ok, value) in sorted(outcomes.items()):
+                if not ok:
+                    self.say(f"{minion}: could not record {release} as healthy: {value}")
 
     def _read_back(self, minions):
         """

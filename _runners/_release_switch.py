@@ -40,10 +40,12 @@ def roll(run, targets, **activate_kwarg):
             node.update(result=False, error="not switched: the rollout stopped before its batch")
     if outcome.reverted:
         runs.say(run, f"rolled back {', '.join(outcome.reverted)}")
-    if outcome.stopped and outcome.reverted:
-        # A release the rollout gave up on is bad; one that failed on a node within the
-        # failure budget still runs on the others and stays eligible.
-        run.records.mark_bad(run.project, run.env, sorted({targets[m] for m in outcome.reverted}), run.record_id)
+    failed_checks = sorted({targets[m] for m in outcome.failed_checks})
+    if outcome.stopped and outcome.reverted and failed_checks:
+        # A release the rollout gave up on because it failed its own checks (reload,
+        # health) is bad; one that failed on a node within the failure budget still runs
+        # on the others, and one stopped by a node-local error never ran: both stay eligible.
+        run.records.mark_bad(run.project, run.env, failed_checks, run.record_id)
     if outcome.stopped:
         raise runs.DeployError(outcome.stopped + ("; switched nodes were rolled back" if outcome.reverted else ""))
     return [m for m in outcome.switched if m not in outcome.reverted]

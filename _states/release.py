@@ -39,7 +39,9 @@ def deployed(name, release=None, source=None, source_hash=None, env=None):
     """
     Make ``current`` of project ``name`` point at ``release`` (default: the
     fleet release from pillar), installing it first if needed. Idempotent;
-    ``test=True`` says what would change.
+    ``test=True`` says what would change. While a deploy of the environment
+    holds its lock (pillar ``release_fleet:<name>:locked``) it changes
+    nothing and fails: "deploy in progress".
 
     name
         The project.
@@ -56,6 +58,10 @@ def deployed(name, release=None, source=None, source_hash=None, env=None):
         target = _target(name, release, source, source_hash, env)
         if target is None:
             ret.update(result=True, comment=f"no release of {name} has been deployed to this node's environment yet")
+            return ret
+        if target.get("locked"):
+            ret["comment"] = (f"deploy in progress: {target['env']} of {name} is locked by a deploy or rollback "
+                              f"(fence {target.get('fence')}); nothing changed, apply again when it is done")
             return ret
         old = __salt__["release.current"](name)
         if old == target["release"]:
@@ -75,7 +81,7 @@ def deployed(name, release=None, source=None, source_hash=None, env=None):
 
 
 def _target(project, release, source, source_hash, env):
-    """What to run: ``{release, source, source_hash, env}``, or None when nothing is known."""
+    """What to run: ``{release, source, source_hash, env, locked, fence}``, or None when nothing is known."""
     fleet = (__pillar__.get("release_fleet") or {}).get(project) or {}
     release = release or fleet.get("release")
     if not release:
@@ -89,8 +95,11 @@ def _target(project, release, source, source_hash, env):
         )
     if not source_hash:
         source_hash = fleet.get("source_hash") if same else _staged_hash(source)
-    return {"release": release, "source": source, "source_hash": source_hash,
-            "env": env or fleet.get("env")}
+    env = env or fleet.get("env")
+    # A deploy of this environment in progress owns the node (pillar, see _pillar/release_fleet.py).
+    locked = bool(fleet.get("locked")) and env == fleet.get("env")
+    return {"release": release, "source": source, "source_hash": source_hash, "env": env,
+            "locked": locked, "fence": fleet.get("fence")}
 
 
 def _beside(fleet_source, release):

@@ -4,8 +4,9 @@ file beside it, and each environment's published release (the release its
 last good deploy put on every node; highstate's "fleet release").
 
 The runner writes both; the ``release_fleet`` ext_pillar reads the published
-records and the ``release.deployed`` state reads the checksum files through
-the master's fileserver. Standard library only (synced as ``_utils`` or
+records (and whether a deploy of the environment holds its lock) and the
+``release.deployed`` state reads the checksum files through the master's
+fileserver. Standard library only (synced as ``_utils`` or
 installed as ``salt_release.utils.release_published``).
 """
 
@@ -65,6 +66,27 @@ def published_releases(state_dir, project):
             continue  # a torn or foreign file is no published release
         found[filename[: -len(".json")]] = doc
     return found
+
+
+def lock_path(state_dir, project, env):
+    """The deploy lock file of project+env (the default file lock; the runner's ``_release_lock``)."""
+    return os.path.join(state_dir, "locks", f"{project}.{env}.lock")
+
+
+def deploy_in_progress(state_dir, project, env):
+    """
+    ``{"locked": True, "fence": <n or None>}`` while a deploy or rollback of
+    project+env holds the file lock, else None. A half-written lock counts as
+    held: a deploy is taking it.
+    """
+    try:
+        with open(lock_path(state_dir, project, env), encoding="utf-8") as handle:
+            owner = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        owner = {}
+    return {"locked": True, "fence": owner.get("fence") if isinstance(owner, dict) else None}
 
 
 def _write_atomically(path, text):

@@ -233,6 +233,11 @@ def test_reload_failure_after_the_switch_is_read_back(faults, app_ports, nginx):
     assert set().union(*served_through_nginx(nginx, "readback").values()) == {old}
     phases = history_phases(faults, "readback", "f3-web2")
     assert "readback" in phases, phases
+    # The node itself switched back and reloaded its old release (switch + reload as one unit).
+    _, rows = faults.run("release.history", "readback", "env=pro", "limit=1", "phases=True")
+    errors = [p["error"] or "" for p in rows["runs"][0]["phases"]
+              if p["minion"] == "f3-web2" and p["phase"] == "activate"]
+    assert any(f"switched back to {old} and reloaded: ok" in e for e in errors), errors
 
 
 def history_phases(cluster, project, minion):

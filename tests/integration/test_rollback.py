@@ -24,12 +24,12 @@ from tests.conftest import make_file_root, project_config, start_cluster
 from tests.integration.nginx_lb import served, start_app_server
 
 NODES = ("m6-web1", "m6-web2", "m6-web3")
-PROJECTS = ("rainbow", "emerg", "trim", "auto", "counted", "local")
+PROJECTS = ("rainbow", "emerg", "trim", "auto", "counted", "local", "staged", "twoenv", "nodeerr")
 PILLAR = textwrap.dedent(
     """\
     {% set node = grains['id'] %}
     release:
-    {% for project in ['rainbow', 'emerg', 'trim', 'auto', 'counted', 'local'] %}
+    {% for project in ['rainbow', 'emerg', 'trim', 'auto', 'counted', 'local', 'staged', 'twoenv', 'nodeerr'] %}
       {{ project }}:
         deploy_to: {{ nodes_root }}/{{ node }}/{{ project }}
         user: {{ app_user }}
@@ -68,6 +68,10 @@ def m6(salt_factories, app_repo, tmp_path_factory, ports):
             "auto": project_config(app_repo.path, keep_releases=2, environments={"one": one}),
             "counted": project_config(app_repo.path, environments={"one": one}),
             "local": project_config(app_repo.path, environments={"one": one}),
+            "staged": project_config(app_repo.path, environments={"one": one}),
+            # Two environments of one project on one node, same deploy_to: each its own lock and fences.
+            "twoenv": project_config(app_repo.path, environments={"one": one, "two": one}),
+            "nodeerr": project_config(app_repo.path, environments={"pro": every}),
         },
     }
     grains = {m: {"app_addr": f"127.0.0.1:{ports[m]}"} for m in NODES}
@@ -109,6 +113,54 @@ def history(cluster, project, **options):
 
 
 # ---------------------------------------------------------------- rollback
+def test_emergency_rollback_never_picks_a_release_only_staged_there(m6):
+    """Hostile: older releases installed on the node but never run there (one marked bad) are no target."""
+    staged = []
+    for ref in (A, B):  # built and staged by a dry run, installed by hand, never activated
+        result, ret = deploy(m6, "staged", "one", ref, "diff=True")
+        assert result.returncode == 0, ret
+        tarball = os.path.join(m6.release_config["artifact_root"], "staged", f"{ret['release']}.tar.gz")
+        with open(tarball + ".sha256") as handle:
+            sha = handle.read().split()[0]
+        installed = m6.salt_cli.run("release.install", "staged", ret["release"],
+                                    f"source=salt://releases/staged/{ret['release']}.tar.gz", f"source_hash={sha}",
+                                    minion_tgt="m6-web1")
+        assert installed.returncode == 0, installed
+        staged.append(ret["release"])
+    c = deployed(m6, "staged", "one", C)
+    listed = m6.salt_cli.run("release.list", "staged", minion_tgt="m6-web1").data
+    assert sorted(listed["releases"]) == sorted(staged + [c]) and listed["rollback_target"] is None, listed
+    result, ret = rollback(m6, "staged", "one", "emergency=True")
+    assert result.returncode != 0 and ret["result"] is False, ret
+    assert "no release that passed its health check here to go back to" in json.dumps(ret), ret
+    assert current(m6, "m6-web1", "staged") == c
+
+
+def test_two_environments_of_one_project_on_one_node_do_not_fence_each_other(m6):
+    first = deployed(m6, "twoenv", "one", A)
+    deployed(m6, "twoenv", "one", B)  # env one's fence is 2 now
+    other = deployed(m6, "twoenv", "two", A)  # env two's first lock: fence 1, refused before
+    assert current(m6, "m6-web1", "twoenv") == other and other != first
+
+
+def test_a_node_local_error_fails_the_deploy_without_marking_the_release_bad(m6):
+    deployed(m6, "nodeerr", "pro", A)
+    web2 = m6.deploy_to("m6-web2", "nodeerr")
+    running = os.readlink(os.path.join(web2, "current"))
+    # A node-local error at the switch: web2's current is a real directory (a copy: it still serves).
+    os.unlink(os.path.join(web2, "current"))
+    shutil.copytree(os.path.join(web2, running), os.path.join(web2, "current"), symlinks=True)
+    result, ret = deploy(m6, "nodeerr", "pro", B)
+    assert result.returncode != 0 and ret["result"] is False, ret
+    assert "real directory" in json.dumps(ret["nodes"]["m6-web2"]), ret["nodes"]["m6-web2"]
+    assert current(m6, "m6-web1", "nodeerr") == os.path.basename(running)  # rolled back
+    shutil.rmtree(os.path.join(web2, "current"))
+    os.symlink(running, os.path.join(web2, "current"))
+    again = deployed(m6, "nodeerr", "pro", B)  # no force=True needed: B never failed its own checks
+    assert currents(m6, "nodeerr") == {m: again for m in NODES}
+
+
+
 
 
 def test_rollback_chain_to_and_refusals(m6, ports):
@@ -194,9 +246,11 @@ def test_prune_keeps_current_rollback_target_and_strangers(m6):
     names = [deployed(m6, "trim", "one", ref) for ref in (A, B, C, "master", A)]
     releases = os.path.join(m6.deploy_to("m6-web1", "trim"), "releases")
     assert sorted(os.listdir(releases)) == sorted(names), "keep_releases 5: the deploy's prune removed nothing"
-    # The two oldest become current and rollback target.
+    # The two oldest become current and rollback target (the last one confirmed healthy before current).
     for name in (names[1], names[0]):
         assert m6.salt_cli.run("release.activate", "trim", name, minion_tgt="m6-web1").returncode == 0
+        if name == names[1]:
+            assert m6.salt_cli.run("release.confirm", "trim", name, minion_tgt="m6-web1").returncode == 0
     os.mkdir(os.path.join(releases, "notes"))
     old_partial = os.path.join(releases, "trim_one_9.9.9_master_2020-01-01_000000_x.partial")
     fresh_partial = os.path.join(releases, "trim_one_9.9.9_master_2020-01-02_000000_x.partial")

@@ -1,5 +1,7 @@
 """What release.recover decides from a dead run's journal and the nodes' real state."""
 
+import json
+
 import pytest
 
 import _release_recover as recovery
@@ -32,3 +34,14 @@ def test_rollback_sends_back_only_switched_nodes_that_had_a_release():
     previous = {"w1": "r1", "w2": "r1", "w3": None, "w4": "r1"}
     current = {"w1": "r2", "w2": "r1", "w3": "r2", "w4": None}
     assert recovery.to_send_back(targets, previous, current) == {"w1": "r1"}
+
+
+def test_a_refused_deploy_after_the_dead_run_does_not_shadow_it():
+    refused = {"id": 12, "kind": "deploy", "result": 0, "details": json.dumps({"failed_step": "lock"})}
+    bad_input = {"id": 11, "kind": "rollback", "result": 0, "details": json.dumps({"failed_step": "configure"})}
+    dead = {"id": 10, "kind": "deploy", "result": None, "details": None}
+    assert recovery.dead_run([refused, bad_input, dead, {"id": 9, "kind": "deploy", "result": 1}])["id"] == 10
+    # A deploy that failed at a node step did run: it is the newest, and finished.
+    failed = {"id": 13, "kind": "deploy", "result": 0, "details": json.dumps({"failed_step": "rollout"})}
+    with pytest.raises(recovery.NothingToRecover, match="run 13"):
+        recovery.dead_run([failed, refused, dead])

@@ -103,3 +103,97 @@ def test_settings_fall_back_to_the_cache(release, tmp_path):
     assert node.project_view(release.__opts__, {}, "rainbow")["user"] == "www-data"
     with pytest.raises(CommandExecutionError, match="bad project name"):
         node.settings(release.__opts__, {}, "../etc")
+
+
+def reload_failing_for(release, bad_names, calls):
+    def reload(project, release=None):
+        calls.append(release)
+        if release in bad_names:
+            raise CommandExecutionError(f"app says no to {release}")
+        return {"result": True}
+    release.__salt__["release_stack.reload"] = reload
+    release.__pillar__["release"]["rainbow"]["stack"] = {"kind": "command", "reload_cmd": "true"}
+
+
+def installed(release, tmp_path, *names):
+    for name in names:
+        path, sha = artifact(tmp_path, name)
+        release.install("rainbow", name, source=path, source_hash=sha)
+
+
+def test_a_failed_reload_switches_back_and_reloads_the_old_release(release, tmp_path):
+    calls = []
+    reload_failing_for(release, {NEWER}, calls)
+    installed(release, tmp_path, NAME, NEWER)
+    release.activate("rainbow", NAME)
+    with pytest.raises(CommandExecutionError) as caught:
+        release.activate("rainbow", NEWER)
+    assert str(caught.value) == (f"reload failed on {NEWER}: app says no to {NEWER}; "
+                                 f"switched back to {NAME} and reloaded: ok")
+    assert os.readlink(str(tmp_path / "srv" / "current")) == f"releases/{NAME}"
+    assert calls == [NAME, NEWER, NAME]
+    assert release.current("rainbow") == NAME and release.list_("rainbow")["bad"] == []
+
+
+def test_a_failed_reload_back_is_reported_too(release, tmp_path):
+    calls = []
+    reload_failing_for(release, {NAME, NEWER}, calls)
+    installed(release, tmp_path, NAME, NEWER)
+    with pytest.raises(CommandExecutionError):
+        release.activate("rainbow", NAME)  # the first release: nothing to go back to, the error as is
+    assert release.current("rainbow") == NAME
+    with pytest.raises(CommandExecutionError, match=f"switched back to {NAME} and reloaded: failed: app says no"):
+        release.activate("rainbow", NEWER)
+    assert os.readlink(str(tmp_path / "srv" / "current")) == f"releases/{NAME}"
+
+
+def test_fences_are_kept_per_environment(release, tmp_path):
+    installed(release, tmp_path, NAME)
+    release.activate("rainbow", NAME, env="test", fence=3)
+    release.activate("rainbow", NAME, env="pro", fence=1)  # another environment's lock: its own numbers
+    with pytest.raises(CommandExecutionError, match="stale deploy refused: fence 2 is older than 3"):
+        release.activate("rainbow", NAME, env="test", fence=2)
+    release.activate("rainbow", NAME, env="pro", fence=2)
+    with pytest.raises(CommandExecutionError, match="older than 3"):
+        release.activate("rainbow", NAME, fence=2)  # no environment named: held to the highest of all
+
+
+@pytest.mark.parametrize("old", [5, "5", "junk", None])
+def test_an_old_per_project_fence_is_read_safely(release, tmp_path, old):
+    installed(release, tmp_path, NAME)
+    node.remember(release.__opts__, "rainbow", {}, fence=old)
+    release.activate("rainbow", NAME, env="test", fence=1)  # an environment starts its own fences
+    if old in (5, "5"):
+        with pytest.raises(CommandExecutionError, match="older than 5"):
+            release.activate("rainbow", NAME, fence=4)  # a call without env still honours it
+    else:
+        release.activate("rainbow", NAME, fence=1)
+
+
+def test_rollback_goes_only_to_a_confirmed_release(release, tmp_path):
+    staged = "rainbow_test_v1.2.0_master_2026-11-28_101500_ops"
+    installed(release, tmp_path, NAME, NEWER, staged)
+    release.activate("rainbow", NAME)
+    with pytest.raises(CommandExecutionError, match="is not what this node runs"):
+        release.confirm("rainbow", NEWER)
+    release.confirm("rainbow", NAME, env="test")
+    release.activate("rainbow", NEWER)
+    listed = release.list_("rainbow")
+    assert listed["rollback_target"] == NAME, listed  # not the newer, never-run 'staged'
+    release.rollback("rainbow")
+    assert release.current("rainbow") == NAME and release.list_("rainbow")["bad"] == [NEWER]
+    with pytest.raises(CommandExecutionError, match="no release that passed its health check here to go back to"):
+        release.rollback("rainbow")  # NEWER is bad, 'staged' never ran
+    assert release.current("rainbow") == NAME
+
+
+def test_rollback_never_goes_to_a_release_the_master_marked_bad(release, tmp_path):
+    newest = "rainbow_test_v1.2.0_master_2026-11-28_101500_ops"
+    installed(release, tmp_path, NAME, NEWER, newest)
+    for name in (NAME, NEWER, newest):
+        release.activate("rainbow", name)
+        release.confirm("rainbow", name)
+    with pytest.raises(CommandExecutionError, match="no release that passed its health check"):
+        release.rollback("rainbow", avoid=[NEWER, NAME])
+    release.rollback("rainbow", avoid=[NEWER])
+    assert release.current("rainbow") == NAME

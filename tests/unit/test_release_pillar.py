@@ -1,6 +1,8 @@
 """The release_fleet ext_pillar (_pillar/release_fleet.py), without a master: targets matched by glob."""
 
 import fnmatch
+import json
+import os
 
 import pytest
 
@@ -70,3 +72,18 @@ def test_a_target_the_master_cannot_evaluate_matches_nothing(pillar):
 def test_an_environment_no_longer_configured_is_ignored(pillar):
     publish(pillar.state_dir, "gone", "r_gone_1")
     assert pillar.ext_pillar("web1", {}) == {}
+
+
+def test_a_deploy_holding_the_lock_is_in_the_pillar_with_its_fence(pillar):
+    publish(pillar.state_dir, "test", "r_test_2")
+    lock = published.lock_path(pillar.state_dir, "rainbow", "test")
+    os.makedirs(os.path.dirname(lock))
+    with open(lock, "w") as handle:
+        json.dump({"token": "t", "fence": 4}, handle)
+    entry = pillar.ext_pillar("web1", {})["release_fleet"]["rainbow"]
+    assert entry["release"] == "r_test_2" and entry["locked"] is True and entry["fence"] == 4
+    with open(lock, "w") as handle:
+        handle.write("{half")  # being written: held all the same
+    assert pillar.ext_pillar("web1", {})["release_fleet"]["rainbow"]["locked"] is True
+    os.unlink(lock)
+    assert "locked" not in pillar.ext_pillar("web1", {})["release_fleet"]["rainbow"]

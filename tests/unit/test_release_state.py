@@ -95,3 +95,16 @@ def test_pruned(test, result, comment):
     ret = state(node, test=test).pruned("rainbow", keep=3)
     assert ret["result"] is result and ret["changes"] == {"removed": ["r_1", "r_2"]} and comment in ret["comment"]
     assert node.calls == [("prune", 3, test)]
+
+
+@pytest.mark.parametrize("test", [False, True])
+def test_deployed_refuses_while_a_deploy_of_its_environment_holds_the_lock(test):
+    node = Node(current="r_old")
+    pillar = {"release_fleet": {"rainbow": dict(FLEET["rainbow"], locked=True, fence=7)}}
+    ret = state(node, test=test, pillar=pillar).deployed("rainbow")
+    assert ret["result"] is False and ret["changes"] == {}, ret
+    assert ret["comment"].startswith("deploy in progress") and "fence 7" in ret["comment"]
+    assert node.calls == [] and node.current == "r_old"
+    # Another environment's state on this node is not held by this lock.
+    other = state(Node(current="r_old"), pillar=pillar).deployed("rainbow", env="test")
+    assert other["result"] is True, other

@@ -9,18 +9,30 @@ import release_retention as retention
 R = [f"app_pro_v1.{i}.0_master_2026-11-2{i}_100000_ops" for i in range(1, 6)]
 
 
-def test_rollback_target_walks_history_back_and_skips_bad():
-    assert retention.rollback_target(R[:3], R[2], history=R[:3]) == R[1]
+def test_rollback_target_is_the_newest_confirmed_release_never_bad():
+    assert retention.rollback_target(R[:3], R[2], good=R[:3]) == R[1]
     # Back from R3 to R2 (R3 bad), then again: R1, not R3.
-    history = R[:3] + [R[1]]
-    assert retention.rollback_target(R[:3], R[1], history, bad=[R[2]]) == R[0]
-    assert retention.rollback_target(R[:3], R[0], history + [R[0]], bad=[R[2], R[1]]) is None
+    assert retention.rollback_target(R[:3], R[1], good=R[:3], bad=[R[2]]) == R[0]
+    assert retention.rollback_target(R[:3], R[0], good=R[:3], bad=[R[2], R[1]]) is None
+    # Confirmed order, not name order: R1 confirmed again after R2 is the one to go back to.
+    assert retention.rollback_target(R[:4], R[3], good=retention.remember_good(R[:3], R[0])) == R[0]
+    # Confirmed but no longer installed: skipped.
+    assert retention.rollback_target(R[1:4], R[3], good=R[:1] + R[2:3]) == R[2]
 
 
-def test_rollback_target_without_history_is_the_newest_older_release():
-    assert retention.rollback_target(R, R[3]) == R[2]
-    assert retention.rollback_target(R, R[3], bad=[R[2]]) == R[1]
+def test_without_confirmed_history_there_is_no_rollback_target():
+    # Installed (staged) releases that never passed a check here are never a target, even newer
+    # ones; no fallback to the newest installed release.
+    assert retention.rollback_target(R, R[3]) is None
+    assert retention.rollback_target(R, R[3], good=[R[3]]) is None
+    assert retention.rollback_target(R, R[1], good=[R[0]], bad=[R[0]]) is None
     assert retention.rollback_target(R, None) is None
+
+
+def test_remember_good_moves_a_release_to_the_end_once_and_is_bounded():
+    assert retention.remember_good([R[0], R[1]], R[0]) == [R[1], R[0]]
+    many = [f"app_pro_v1.{i}.0_master_2026-11-20_100000_ops" for i in range(60)]
+    assert len(retention.remember_good(many, R[0])) == retention.GOOD_LENGTH
 
 
 def test_prunable_keeps_newest_current_and_protected():
@@ -30,6 +42,15 @@ def test_prunable_keeps_newest_current_and_protected():
     assert retention.prunable(R, None, 1) == []
     with pytest.raises(ValueError):
         retention.prunable(R, R[4], 0)
+
+
+def test_prune_keeps_good_releases_over_newer_unconfirmed_and_bad_ones():
+    # current R5; R1, R2 confirmed; R3 bad, R4 never confirmed: keep 3 -> R5, R2, R1.
+    assert retention.prunable(R, R[4], 3, good=[R[0], R[1], R[4]], bad=[R[2]]) == [R[2], R[3]]
+    # keep 4: the unconfirmed R4 before the bad R3.
+    assert retention.prunable(R, R[4], 4, good=[R[0], R[1], R[4]], bad=[R[2]]) == [R[2]]
+    # A bad current and a protected rollback target are never removed, whatever keep says.
+    assert retention.prunable(R, R[2], 1, [R[0]], good=[R[0], R[4]], bad=[R[2]]) == [R[1], R[3]]
 
 
 def listed(releases, current, target, bad=()):
