@@ -18,7 +18,6 @@ return shapes in ``release_contract``. Standard library and Salt: minions
 receive it by ``saltutil.sync_all`` or from the ``salt_release`` pip package.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -27,9 +26,9 @@ import time
 from salt.exceptions import CommandExecutionError
 
 import release_contract as contract
+import release_fence as fence_lib
 import release_node as node
 import release_retention as retention
-import release_safe_fs as safe_fs
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +65,6 @@ def _check_name(name):
         )
 
 
-# ---------------------------------------------------------------- layout
-
-
-def _current_name(paths):
-    """The release ``current`` points at, or None."""
-    if not os.path.islink(paths["current"]):
-        return None
-    return os.path.basename(os.readlink(paths["current"]).rstrip("/"))
-
-
-def _release_names(paths):
-    try:
-        entries = os.listdir(paths["releases"])
-    except FileNotFoundError:
-        return []
-    names = [
-        e for e in entries  # an interrupted install's <name>.partial parses as a name too: never a release
-        if contract.is_release_name(e) and not e.endswith(PARTIAL_SUFFIX)
-        and os.path.isdir(os.path.join(paths["releases"], e))
-    ]
-    return sorted(names, key=contract.release_sort_key)
-
-
 # ---------------------------------------------------------------- events
 
 
@@ -103,53 +79,6 @@ def _event_extra(result):
 
 
 # ---------------------------------------------------------------- install
-
-
-def _read_manifest(release_dir, name):
-    path = os.path.join(release_dir, contract.MANIFEST_NAME)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise CommandExecutionError(f"release {name} has no readable {contract.MANIFEST_NAME}: {exc}")
-    problems = contract.validate_manifest(manifest, name)
-    if problems:
-        raise CommandExecutionError(f"release {name}: " + "; ".join(problems))
-    return manifest
-
-
-def _link_shared(release_dir, paths, settings):
-    """Replace each shared path in the release by a link into shared/."""
-    uid, gid = node.app_ids(settings.get("user"))
-    for rel in settings["shared"]:
-        shared_path = os.path.join(paths["shared"], rel)
-        # The app user owns shared/ folders: a link planted there must not carry root's mkdir/chown out.
-        fd, created = safe_fs.make_dirs(paths["shared"], rel)
-        try:
-            if created:
-                os.fchown(fd, uid, gid)
-        finally:
-            os.close(fd)
-        in_release = os.path.join(release_dir, rel)
-        if os.path.islink(in_release) or os.path.isfile(in_release):
-            os.unlink(in_release)
-        elif os.path.isdir(in_release):
-            shutil.rmtree(in_release)
-        os.makedirs(os.path.dirname(in_release), mode=0o755, exist_ok=True)
-        os.symlink(os.path.relpath(shared_path, os.path.dirname(in_release)), in_release)
-
-
-def _protect(release_dir):
-    """
-    Code belongs to the deploying user (root) and is read-only to everyone
-    else: the app user can read it and write only through shared/ links.
-    """
-    uid, gid = os.getuid(), os.getgid()
-    for root, dirs, files in os.walk(release_dir):
-        for entry in [root] + [os.path.join(root, f) for f in files + dirs]:
-            os.lchown(entry, uid, gid)
-            if not os.path.islink(entry):
-                os.chmod(entry, os.lstat(entry).st_mode & 0o755)
 
 
 def _unpacked_release(paths, name, source, source_hash, settings, delta_offer=None):
@@ -183,9 +112,9 @@ def _unpacked_release(paths, name, source, source_hash, settings, delta_offer=No
 
 def _make_ready(partial, paths, settings, name, source_hash):
     """Check the manifest, link shared paths, protect the code, render config, record the artifact's hash."""
-    manifest = _read_manifest(partial, name)
-    _link_shared(partial, paths, settings)
-    _protect(partial)
+    manifest = node.read_manifest(partial, name)
+    node.link_shared(partial, paths, settings)
+    node.protect(partial)
     # Config rendered into the release itself, so a rollback brings its config back.
     __salt__["release_config.render"](manifest["project"], partial, manifest, env=manifest["env"])
     # The full artifact's hash, verified above or rebuilt file by file from a verified delta.
@@ -199,44 +128,22 @@ def _make_ready(partial, paths, settings, name, source_hash):
         handle.write(source_hash + "\n")
 
 
+def _check_fence(project, env, fence):
+    """Refuse a deploy older than the last one of its project+env on this node (see release_fence)."""
+    try:
+        fences = fence_lib.advance(_read_cache(project), project, env, fence)
+    except fence_lib.StaleFence as exc:
+        raise CommandExecutionError(str(exc))
+    if fences is not None:
+        _remember(project, {}, fences=fences)
+
+
 def _installed_hash(release_dir):
     try:
         with open(os.path.join(release_dir, ARTIFACT_HASH_FILE), encoding="utf-8") as handle:
             return handle.read().strip()
     except OSError:
         return None
-
-
-def _check_fence(project, env, fence):
-    """
-    Refuse a deploy older than the last one of the same environment that
-    touched this node: the runner passes the fence number of its lock, which
-    grows with every lock of that project+env. Environments sharing a node
-    keep their own fences (``fences:{env}``). A call without an environment
-    is held to the highest fence of any, the per-project ``fence`` of older
-    versions included.
-    """
-    if fence is None:
-        return
-    cached = _read_cache(project)
-    fences = cached.get("fences") if isinstance(cached.get("fences"), dict) else {}
-    key = env or ""
-    every = [_as_fence(f) for f in list(fences.values()) + [cached.get("fence")]]
-    seen = _as_fence(fences.get(key)) if env else max(every)
-    if int(fence) < seen:
-        raise CommandExecutionError(
-            f"stale deploy refused: fence {fence} is older than {seen}, the last deploy of "
-            f"{env or project} that touched this node"
-        )
-    if int(fence) > seen:
-        _remember(project, {}, fences=dict(fences, **{key: int(fence)}))
-
-
-def _as_fence(value):
-    try:
-        return int(value or 0)
-    except (TypeError, ValueError):
-        return 0  # an unreadable fence record refuses nothing rather than everything
 
 
 def install(project, name, source, source_hash, env=None, fence=None,
@@ -340,7 +247,7 @@ def activate(project, name, env=None, fence=None, rollback=False, force=False, *
             raise CommandExecutionError(
                 f"release {name} is marked bad on this node (it was rolled back from): pass force=True to run it again"
             )
-        previous = _current_name(paths)
+        previous = node.current_name(paths)
         if previous != name:
             bad = [b for b in cached.get("bad", []) if b != name] + ([previous] if rollback and previous else [])
             _switch_and_remember(project, settings, paths, name, previous, bad)
@@ -396,7 +303,7 @@ def confirm(project, release, env=None):
         salt 'web*' release.confirm rainbow rainbow_test_v1.1.0_master_2026-11-26_101500_ops env=test
     """
     _check_name(release)
-    running = _current_name(node.paths(_settings(project)))
+    running = node.current_name(node.paths(_settings(project)))
     if running != release:
         raise CommandExecutionError(f"{release} is not what this node runs ({running}): not confirmed")
     cached = _read_cache(project)
@@ -458,31 +365,12 @@ def prune(project, keep=None, test=False):
         raise CommandExecutionError(str(exc))
     releases_dir = node.paths(settings)["releases"]
     partials = node.stale_partials(releases_dir)
-    removed = doomed + partials if test else _remove(releases_dir, doomed + partials)
+    removed = doomed + partials if test else node.remove_releases(releases_dir, doomed + partials)
     return {
         "result": True, "removed": removed, "test": bool(test),
         "kept": [n for n in state["releases"] if n not in removed],
         "current": state["current"], "rollback_target": state["rollback_target"],
     }
-
-
-def _remove(releases_dir, entries):
-    """
-    Rename each entry out of the release namespace first, then delete it: a
-    half-deleted folder is never taken for a release. An entry that cannot be
-    renamed is kept.
-    """
-    removed = []
-    for entry in entries:
-        doomed = os.path.join(releases_dir, f".{entry}.pruning")
-        try:
-            os.rename(os.path.join(releases_dir, entry), doomed)
-        except OSError as exc:
-            log.warning("release: kept %s, could not move it aside: %s", entry, exc)
-            continue
-        shutil.rmtree(doomed, ignore_errors=True)
-        removed.append(entry)
-    return removed
 
 
 # ---------------------------------------------------------------- queries
@@ -501,7 +389,7 @@ def list_(project):
         salt-call --local release.list rainbow
     """
     paths = node.paths(_settings(project))
-    releases, current = _release_names(paths), _current_name(paths)
+    releases, current = node.release_names(paths), node.current_name(paths)
     cached = _read_cache(project)
     bad = [b for b in cached.get("bad", []) if b in releases]
     return contract.list_return(releases, current, cached.get("previous"), bad,
@@ -518,7 +406,7 @@ def current(project):
 
         salt 'web*' release.current rainbow
     """
-    return _current_name(node.paths(_settings(project)))
+    return node.current_name(node.paths(_settings(project)))
 
 
 

@@ -25,6 +25,7 @@ from salt.exceptions import CommandExecutionError
 
 import release_contract as contract
 import release_delta as delta
+import release_safe_fs as safe_fs
 import release_unpack as unpack
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,45 @@ def ensure_layout(node_settings):
     return found
 
 
+def current_name(paths):
+    """The release ``current`` points at, or None."""
+    if not os.path.islink(paths["current"]):
+        return None
+    return os.path.basename(os.readlink(paths["current"]).rstrip("/"))
+
+
+def release_names(paths):
+    try:
+        entries = os.listdir(paths["releases"])
+    except FileNotFoundError:
+        return []
+    names = [
+        e for e in entries  # an interrupted install's <name>.partial parses as a name too: never a release
+        if contract.is_release_name(e) and not e.endswith(PARTIAL_SUFFIX)
+        and os.path.isdir(os.path.join(paths["releases"], e))
+    ]
+    return sorted(names, key=contract.release_sort_key)
+
+
+def remove_releases(releases_dir, entries):
+    """
+    Rename each entry out of the release namespace first, then delete it: a
+    half-deleted folder is never taken for a release. An entry that cannot be
+    renamed is kept.
+    """
+    removed = []
+    for entry in entries:
+        doomed = os.path.join(releases_dir, f".{entry}.pruning")
+        try:
+            os.rename(os.path.join(releases_dir, entry), doomed)
+        except OSError as exc:
+            log.warning("release: kept %s, could not move it aside: %s", entry, exc)
+            continue
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
 def stale_partials(releases_dir):
     """Leftovers of interrupted installs (``<release>.partial``) old enough not to be in use."""
     found = []
@@ -265,6 +305,53 @@ def stale_partials(releases_dir):
 
 
 # ---------------------------------------------------------------- artifacts
+
+
+def read_manifest(release_dir, name):
+    path = os.path.join(release_dir, contract.MANIFEST_NAME)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CommandExecutionError(f"release {name} has no readable {contract.MANIFEST_NAME}: {exc}")
+    problems = contract.validate_manifest(manifest, name)
+    if problems:
+        raise CommandExecutionError(f"release {name}: " + "; ".join(problems))
+    return manifest
+
+
+def link_shared(release_dir, paths, settings):
+    """Replace each shared path in the release by a link into shared/."""
+    uid, gid = app_ids(settings.get("user"))
+    for rel in settings["shared"]:
+        shared_path = os.path.join(paths["shared"], rel)
+        # The app user owns shared/ folders: a link planted there must not carry root's mkdir/chown out.
+        fd, created = safe_fs.make_dirs(paths["shared"], rel)
+        try:
+            if created:
+                os.fchown(fd, uid, gid)
+        finally:
+            os.close(fd)
+        in_release = os.path.join(release_dir, rel)
+        if os.path.islink(in_release) or os.path.isfile(in_release):
+            os.unlink(in_release)
+        elif os.path.isdir(in_release):
+            shutil.rmtree(in_release)
+        os.makedirs(os.path.dirname(in_release), mode=0o755, exist_ok=True)
+        os.symlink(os.path.relpath(shared_path, os.path.dirname(in_release)), in_release)
+
+
+def protect(release_dir):
+    """
+    Code belongs to the deploying user (root) and is read-only to everyone
+    else: the app user can read it and write only through shared/ links.
+    """
+    uid, gid = os.getuid(), os.getgid()
+    for root, dirs, files in os.walk(release_dir):
+        for entry in [root] + [os.path.join(root, f) for f in files + dirs]:
+            os.lchown(entry, uid, gid)
+            if not os.path.islink(entry):
+                os.chmod(entry, os.lstat(entry).st_mode & 0o755)
 
 
 def sha256_of(source_hash):
