@@ -73,7 +73,7 @@ def test_pg_lock_is_shared_fenced_and_released_only_by_its_token(tmp_path, pg_ur
 
 HOLDER = """
 import sys, time
-sys.path.insert(0, {runners!r})
+sys.path[:0] = [{runners!r}, {runners!r}.replace("_runners", "_utils")]  # as Salt's loader does
 import _release_store as store
 locks = store.Store({state!r}, {url!r}).locks()  # kept: its session holds the lock
 locks.acquire("rainbow", "dead", "carol", "j9", "deploy v9")
