@@ -6,8 +6,6 @@ here takes the lock or changes a node.
 
 import datetime
 import json
-import os
-import secrets
 
 import _release_fleet as fleet
 import _release_node_state as node_state
@@ -15,6 +13,7 @@ import _release_report as report_page
 import _release_rollout as rollout
 import _release_run as runs
 import _release_stats as stats_lib
+import release_safe_fs as safe_fs
 
 
 def status(loader, project, env, kwargs):
@@ -57,27 +56,10 @@ def report(opts, project, out, env, days):
         _spread(opts, conf, project, env), stats_lib.summarize(rows),
     )
     try:
-        write_atomically(out, page)
+        safe_fs.write_atomically(out, page)
     except OSError as exc:
         return {"result": False, "error": f"cannot write the report {out}: {exc.strerror}", "retcode": 1}
     return {"result": True, "project": project, "out": out, "runs": len(rows), "retcode": 0}
-
-
-def write_atomically(out, text, tmp=None):
-    """
-    Write ``text`` to ``out`` through a new temp file beside it: O_EXCL|O_NOFOLLOW,
-    so a link or file another user planted at the temp name is refused, never
-    followed (the master runs as root; the report folder may be the app's).
-    """
-    tmp = tmp or f"{out}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def recent_runs(records, project, env, days):

@@ -19,6 +19,7 @@ import time
 
 import _release_deploy as deploy_steps
 import _release_fleet as fleet
+import _release_metrics as metrics
 import _release_run as runs
 import _release_switch as switch
 import release_contract as contract
@@ -174,4 +175,5 @@ def settle(run):
 def _nothing_to_recover(run, comment):
     duration_s = round(time.monotonic() - run.started, 3)
     run.records.finish_run(run.record_id, True, duration_s, None, {"comment": comment})
+    metrics.publish(run.conf, run.records)
     return {"result": True, "project": run.project, "env": run.env, "comment": comment, "retcode": 0}

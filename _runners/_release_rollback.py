@@ -20,6 +20,7 @@ DeployError = runs.DeployError
 
 
 def rollback(run, wait, emergency=False):
+    run.facts["emergency"] = bool(emergency)  # recorded even when refused: the metrics count rollbacks by kind
     if not emergency:
         steps = (deploy_steps.plan, choose, switch_back)
     elif run.to:

@@ -21,6 +21,7 @@ import salt.utils.event
 import _release_artifact as artifact
 import _release_fleet as fleet
 import _release_lock as locking
+import _release_metrics as metrics
 import _release_store as store
 import release_contract as contract
 import release_published as published
@@ -180,6 +181,7 @@ def conclude(run):
         run.record_id, ok, ret["duration_s"], ret.get("error"),
         dict(run.facts, failed_step=run.failed_step, nodes=run.nodes),
     )
+    metrics.publish(run.conf, run.records)
     fire(run, ("finish",), {k: v for k, v in ret.items() if k != "output"})
     say(run, f"{'DONE' if ok else 'FAILED'}: {run.name or run.ref} " + (ret.get("error") or ""))
     return ret
@@ -338,6 +340,7 @@ def unlock(opts, project, env, force):
     who = getpass.getuser()
     history.record("unlock", project, env, result=True, who=who,
                    details={"broken": public_owner(broken), "force": bool(force)})
+    metrics.publish(conf, history)
     fire_event(opts, contract.event_tag(project, env, "lock", "broken"),
                {"broken": public_owner(broken), "by": who, "force": bool(force)})
     return {"result": True, "comment": f"broke the lock: {locking.describe(broken)}", "retcode": 0}

@@ -2,7 +2,7 @@
 salt-release: ship a git ref to a Salt-managed web cluster, in batches, with an
 atomic switch on every node.
 
-The nine ``salt-run release.*`` commands. Each is a few lines that hand Salt's
+The ten ``salt-run release.*`` commands. Each is a few lines that hand Salt's
 loader globals (``__opts__``, ``__salt__``, the progress channel) to one
 module per pipeline:
 
@@ -14,7 +14,7 @@ module per pipeline:
 - ``_release_run``: the run they share (lock, step, reporter, events, the
   return and history: ``conclude``)
 - ``_release_queries``: status, history, stats, report; ``_release_webhook``:
-  the git webhook
+  the git webhook; ``_release_metrics``: the Prometheus metrics
 
 Master configuration (see README.md and ``_utils/release_settings.py``)::
 
@@ -33,6 +33,7 @@ Master configuration (see README.md and ``_utils/release_settings.py``)::
 import functools
 
 import _release_deploy as deploy_pipeline
+import _release_metrics as metrics_lib
 import _release_queries as queries
 import _release_recover as recover_pipeline
 import _release_rollback as rollback_pipeline
@@ -40,7 +41,7 @@ import _release_run as runs
 import _release_webhook as hook
 
 __virtualname__ = "release"
-__all__ = ["deploy", "rollback", "recover", "unlock", "status", "history", "stats", "report", "webhook"]
+__all__ = ["deploy", "rollback", "recover", "unlock", "status", "history", "stats", "report", "metrics", "webhook"]
 
 
 def __virtual__():
@@ -230,6 +231,26 @@ def report(project, out, env=None, days=30, **kwargs):
         salt-run release.report rainbow out=/var/www/reports/rainbow.html
     """
     return queries.report(__opts__, project, out, env, days)
+
+
+@_answers_errors
+def metrics(out=None, **kwargs):
+    """
+    The deployment metrics in Prometheus's text format (what every run writes
+    to ``release:metrics_file`` for node_exporter's textfile collector), built
+    from the store: written to ``out`` or ``release:metrics_file`` when either
+    is set, and returned under ``metrics``.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.metrics
+        salt-run release.metrics out=/var/lib/prometheus/node-exporter/salt_release.prom
+        salt-run --out=json release.metrics | jq -r .metrics
+    """
+    conf = runs.master_settings(__opts__)
+    return metrics_lib.on_demand(conf, runs.records(conf), out)
 
 
 @_answers_errors

@@ -7,6 +7,7 @@ Standard library and Salt only.
 """
 
 import os
+import secrets
 import stat
 
 from salt.exceptions import CommandExecutionError
@@ -34,6 +35,23 @@ def remove(dir_fd, name):
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)
+
+
+def write_atomically(out, text, tmp=None):
+    """
+    Write ``text`` to ``out`` through a new temp file beside it: O_EXCL|O_NOFOLLOW,
+    so a link or file another user planted at the temp name is refused, never
+    followed (the master runs as root; the report folder may be the app's).
+    """
+    tmp = tmp or f"{out}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def clean_below(base, parts, names):

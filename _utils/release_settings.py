@@ -4,8 +4,8 @@ The master's ``release:`` settings, read one way by every master-side part
 
 ``master(opts)`` fills the defaults README promises (``state_dir``
 ``<cachedir>/release``, ``artifact_root`` ``<first base file_root>/releases``,
-the sqlite store, the timeouts and the lock TTL) and normalises every
-project: each environment gets ``waves``, a list of wave dicts, whether it
+the sqlite store, the timeouts and the lock TTL; no ``metrics_file`` unless
+set) and normalises every project: each environment gets ``waves``, a list of wave dicts, whether it
 was written with one ``target`` or with ``waves:``. Bad settings are said
 with the key that is wrong, e.g.
 ``release:projects:rainbow:environments:pro:waves[1]: 'target' is missing``.
@@ -40,6 +40,7 @@ def master(opts):
         roots = (opts.get("file_roots") or {}).get("base") or []
         conf["artifact_root"] = os.path.join(roots[0], "releases") if roots else None
     conf["store"] = conf.get("store") or DEFAULT_STORE
+    conf["metrics_file"] = _metrics_file(conf.get("metrics_file"))
     for key, default in TIMEOUTS.items():
         conf[key] = _seconds(conf.get(key, default), f"release:{key}")
     conf["projects"], conf["errors"] = {}, {}
@@ -107,6 +108,18 @@ def wave(where, raw, name):
             raise SettingsError(f"{where}:{key}: must be N or 'N%', not {spec[key]!r}")
     spec["bake_s"] = _seconds(spec["bake_s"], f"{where}:bake_s", zero=True)
     return spec
+
+
+def _metrics_file(path):
+    """
+    Where the Prometheus metrics go (None: nowhere). node_exporter's textfile
+    collector reads only ``*.prom`` files, so a path it would ignore is an error.
+    """
+    if not path:
+        return None
+    if not isinstance(path, str) or not os.path.isabs(path) or not path.endswith(".prom"):
+        raise SettingsError(f"release:metrics_file: must be an absolute path ending in .prom, not {path!r}")
+    return path
 
 
 def _seconds(value, where, zero=False):

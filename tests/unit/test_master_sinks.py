@@ -8,10 +8,10 @@ import threading
 
 import pytest
 
-import _release_queries as queries
 import _release_rollout as rollout
 import _release_run as runs
 import _release_store as store
+import release_safe_fs as safe_fs
 
 LEAK = "db_password=hunter2-do-not-leak"
 
@@ -75,10 +75,10 @@ def test_the_report_never_follows_a_link_planted_at_its_temp_name(tmp_path):
     planted = tmp_path / "report.html.tmp"
     planted.symlink_to(victim)
     with pytest.raises(FileExistsError):
-        queries.write_atomically(str(out), "<html>", tmp=str(planted))
+        safe_fs.write_atomically(str(out), "<html>", tmp=str(planted))
     assert victim.read_text() == "root's file\n" and not out.exists()
     assert planted.is_symlink()  # the planted link is left alone, not unlinked through
-    queries.write_atomically(str(out), "<html>")
+    safe_fs.write_atomically(str(out), "<html>")
     assert out.read_text() == "<html>" and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == [
         "report.html.tmp"]
 
