@@ -18,7 +18,11 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import _release_metrics as metrics
+import _release_store as store
+import release_settings as settings
 from tests.conftest import make_file_root, project_config, start_cluster
+from tests.integration.postgres import postgres_cluster
 
 NODES = ("mx-web1", "mx-web2")
 CANARY = "CANARY-" + uuid.uuid4().hex
@@ -138,6 +142,34 @@ def test_the_command_writes_where_it_is_told(mx, tmp_path):
     result, ret = mx.run("release.metrics", f"out={out}")
     assert result.returncode == 0 and ret["file"] == str(out)
     assert counters(out.read_text()) == counters(read(mx))
+
+
+def test_a_postgresql_store_gives_the_same_metrics(tmp_path):
+    """Masters sharing a PostgreSQL store write the figures SQLite would, lock included."""
+    conf = settings.master({"release": {"artifact_root": "/srv/salt/releases", "projects": {
+        "rainbow": {"repo": "/git/rainbow", "environments": {"pro": {"target": "web*"}}}}}})
+    with postgres_cluster() as url:
+        texts = []
+        for backend in ("sqlite", url):
+            db = store.Store(str(tmp_path / "state"), backend)
+            for kind, result, nodes, details in (
+                ("deploy", True, {"web1": {"release": "r1"}}, {}),
+                ("deploy", False, {"web1": {"release": "r1", "rolled_back": True}}, {}),
+                ("rollback", True, {"web1": {"release": "r0"}}, {"emergency": True}),
+            ):
+                run_id = db.start_run(kind, "rainbow", "pro")
+                db.finish_run(run_id, result, 42.0, "boom", dict(details, nodes=nodes))
+            owner = db.locks().acquire("rainbow", "pro", "alice", "j1", "deploy")
+            texts.append(metrics.exposition(conf, db))
+            db.locks().release("rainbow", "pro", owner["token"])
+    sqlite_text, pg_text = texts
+    assert counters(pg_text) == counters(sqlite_text) and counters(pg_text)
+    parsed = families(pg_text)
+    assert value(parsed, "salt_release_lock_held", env="pro") == 1
+    assert value(parsed, "salt_release_rollbacks", kind="emergency") == 1
+    assert value(parsed, "salt_release_rollbacks", kind="auto") == 1
+    assert value(parsed, "salt_release_node_release_info", minion="web1") == 1
+    assert "boom" not in pg_text
 
 
 def test_counters_survive_a_master_restart(mx):
