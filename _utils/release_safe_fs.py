@@ -41,7 +41,8 @@ def write_atomically(out, text, tmp=None):
     """
     Write ``text`` to ``out`` through a new temp file beside it: O_EXCL|O_NOFOLLOW,
     so a link or file another user planted at the temp name is refused, never
-    followed (the master runs as root; the report folder may be the app's).
+    followed (the master runs as root; the report or metrics folder may be
+    another user's). Readers see the old file or the new one, never a part.
     """
     tmp = tmp or f"{out}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
