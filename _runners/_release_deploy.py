@@ -30,6 +30,7 @@ import _release_source as source
 import _release_store as store
 import _release_switch as switch
 import release_contract as contract
+import release_health as health_lib
 import release_published as published
 
 DeployError = runs.DeployError
@@ -264,9 +265,9 @@ def hosts(run):
     """Each node's address for health checks and the load balancer, read from a grain in the master's cache."""
     if not (run.environment.get("health") or run.environment.get("lb")):
         return {}
-    grain = run.environment.get("host_grain", rollout_lib.DEFAULT_HOST_GRAIN)
+    grain = run.environment.get("host_grain", health_lib.DEFAULT_HOST_GRAIN)
     grains = run.functions["cache.grains"](tgt=",".join(run.minions), tgt_type="list")
-    found = {m: rollout_lib.grain_value(grains.get(m) or {}, grain) for m in run.minions}
+    found = {m: health_lib.grain_value(grains.get(m) or {}, grain) for m in run.minions}
     unknown = [m for m, host in found.items() if not host]
     if unknown:
         raise DeployError(f"no '{grain}' grain in the master's cache for {', '.join(unknown)}")
