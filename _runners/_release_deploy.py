@@ -6,9 +6,11 @@ the deploy lock (``STEPS``)::
           -> config_check -> install -> rollout -> prune
 
 then ``_release_run.conclude`` (return, history, published release).
-``diff=True`` stops after ``config_check``: each node reports which config
-files would change (names and sha256, never contents) and nothing is
-installed. ``install`` stages the release on every node before any node
+``diff=True`` is a dry run (``DIFF_STEPS``, a ``plan`` record that no
+statistic counts, no published release): the artifact is staged only for the
+nodes' config check and removed after it, nodes keep nothing, and each node
+reports which config files would change (names and sha256, never contents).
+``install`` stages the release on every node before any node
 switches; ``rollout`` is the safe rollout (``_release_rollout.py``): wave by
 wave, batch by batch, each node drained, switched, reloaded, verified and put
 back. The rollback pipeline reuses ``plan``.
@@ -17,6 +19,7 @@ back. The rollback pipeline reuses ``plan``.
 import datetime
 import os
 import shutil
+import time
 import uuid
 
 import _release_artifact as artifact
@@ -38,9 +41,11 @@ DeployError = runs.DeployError
 
 def deploy(run, wait, diff=False):
     """The whole pipeline under the lock; the build tree is removed whatever happens."""
-    steps = STEPS[:STEPS.index(config_check) + 1] if diff else STEPS
+    steps = DIFF_STEPS if diff else STEPS
+    if diff:
+        run.facts["dry_run"] = True
     try:
-        with runs.Locked(run, "deploy", wait):
+        with runs.Locked(run, "diff" if diff else "deploy", wait):
             runs.run_steps(run, steps)
     except DeployError as exc:
         run.error = run.error or str(exc)
@@ -147,9 +152,10 @@ def delta(run):
 
 def config_check(run):
     """Every node renders its config in a dry run; one that cannot stops the deploy untouched."""
+    dry_run = run.kind == "plan"
     outcomes = config_dry_run.preflight(
         run.opts, run.minions, run.project, run.name, run.source_url, run.sha256, run.env,
-        run.config["install_timeout_s"], run.delta_offer,
+        run.config["install_timeout_s"], run.delta_offer, keep=not dry_run,
     )
     # Strict, whatever the waves' failure budgets: a config error is in pillar or
     # templates, and would fail the same way on the next node.
@@ -158,6 +164,8 @@ def config_check(run):
         if ok:
             run.nodes[minion]["files"] = value["files"]
             runs.say(run, f"{minion} config: {config_dry_run.summary(value['files'])}")
+        if dry_run:  # a node's file list and sha256, nothing of a release it never got
+            run.nodes[minion] = {k: v for k, v in run.nodes[minion].items() if k in ("result", "files", "error")}
     if failed:
         raise DeployError(f"config check failed on {', '.join(failed)}: no node was touched")
 
@@ -202,11 +210,13 @@ def prune(run):
         run.facts["warnings"] = [f"pruned nothing: {exc}"]
         return
     keep = run.config.get("keep_releases")
+    started, began = store.now(), time.monotonic()
     outcomes = fleet.run_on(run.opts, minions, "release.prune", arg=[run.project],
                             kwarg={"keep": keep} if keep else {}, timeout_s=run.config["timeout_s"])
+    took = round(time.monotonic() - began, 3)
     still_used = {run.name}
     for minion, (ok, value) in sorted(outcomes.items()):
-        run.records.node_phase(run.record_id, minion, "prune", store.now(), 0.0, ok, None if ok else value)
+        run.records.node_phase(run.record_id, minion, "prune", started, took, ok, None if ok else value)
         if ok:
             still_used.update(value["kept"])
             run.nodes.setdefault(minion, contract.node_result(True))["pruned"] = value["removed"]
@@ -219,6 +229,7 @@ def prune(run):
 
 
 STEPS = (fetch, screen, build, check, package, stage, plan, delta, config_check, install, rollout, prune)
+DIFF_STEPS = (fetch, screen, build, check, package, stage, plan, config_check)
 
 
 def plan_only(run):
@@ -289,8 +300,15 @@ def _commands(run, key):
 
 
 def _cleanup(run):
-    """Remove the build tree, and the tarball when the run stopped before staging it."""
+    """
+    Remove the build tree, and the tarball when the run stopped before staging
+    it; a dry run's staged tarball and its checksum go too.
+    """
     if run.tree and os.path.isdir(run.tree):
         shutil.rmtree(run.tree, ignore_errors=True)
     if run.tarball and os.path.dirname(run.tarball) == run.builds and os.path.exists(run.tarball):
         os.unlink(run.tarball)
+    elif run.tarball and run.kind == "plan":
+        for path in (run.tarball, published.checksum_path(run.tarball)):
+            if os.path.exists(path):
+                os.unlink(path)

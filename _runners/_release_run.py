@@ -172,7 +172,7 @@ def conclude(run):
     ret = run_return(run)
     ok = ret["result"]
     run.records.update_run(run.record_id, commit=run.commit, release=run.name)
-    if ok and run.sha256:
+    if ok and run.sha256 and run.kind != "plan":  # a dry run (diff=True) publishes nothing
         published.record_published_release(
             run.state_dir, run.project, run.env, run.name, run.source_url, run.sha256, run.jid
         )
@@ -228,11 +228,17 @@ def reporter(run):
             node["error"] = node.get("error") or "rolled back: the rollout stopped"
         if not ok:
             node.update(result=False, error=error)
-        run.records.node_phase(run.record_id, minion, phase, store.now(), duration_s, ok, error)
+        run.records.node_phase(run.record_id, minion, phase, started_at(duration_s), duration_s, ok, error)
         if phase in CONDUCTOR_PHASES or not ok and fleet.unreachable(error):
             fire(run, (minion, phase), contract.phase_event(release, ok, duration_s or 0, error))
 
     return report
+
+
+def started_at(duration_s):
+    """When a phase that just ended after ``duration_s`` seconds began (store.now()'s format)."""
+    begun = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=float(duration_s or 0))
+    return begun.isoformat(timespec="milliseconds")
 
 
 def note_outcomes(run, phase, outcomes):
