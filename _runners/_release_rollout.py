@@ -91,6 +91,7 @@ class Outcome:
     # Nodes where the release ran and failed its own checks (reload, health): only
     # these make it bad; a node-local error before it ran (staging, config, the switch) does not.
     failed_checks: list = dataclasses.field(default_factory=list)
+    sent_back: list = dataclasses.field(default_factory=list)  # nodes ``back`` took on: each is tried once
     stopped: str = None
 
 
@@ -189,8 +190,10 @@ class Rollout:
         each wave in its own batches: never more nodes out at once than its
         rollout took out.
         """
+        minions = [m for m in minions if m not in outcome.sent_back]
         if not minions:
             return
+        outcome.sent_back.extend(minions)
         self.say(f"rolling back {len(minions)} node(s): {', '.join(minions)}")
         targets = {m: self.previous.get(m) for m in minions}
         for minion in [m for m in minions if not targets[m]]:

@@ -325,7 +325,7 @@ class Locked:
 def unlock(opts, project, env, force):
     """Break a lock left behind by a dead run (``salt-run release.unlock``); recorded and fired."""
     conf = master_settings(opts)
-    problem = _unknown_target(conf, project, env)
+    problem = unknown_target(conf, project, env)
     if problem:
         return {"result": False, "error": problem, "retcode": 1}
     history = records(conf)
@@ -349,12 +349,12 @@ def unlock(opts, project, env, force):
     return {"result": True, "comment": f"broke the lock: {locking.describe(broken)}", "retcode": 0}
 
 
-def _unknown_target(conf, project, env):
-    """Why ``project``/``env`` names nothing to unlock, or None."""
+def unknown_target(conf, project, env):
+    """Why ``project``/``env`` (``env`` None: any) names nothing configured, or None."""
     config = conf["projects"].get(project)
     if config is None:
         return f"unknown project {project!r}: not under release:projects in the master config"
-    if env not in config["environments"]:
+    if env is not None and env not in config["environments"]:
         known = ", ".join(sorted(config["environments"])) or "none"
         return f"project {project} has no environment {env!r} (known: {known})"
     return None
