@@ -20,9 +20,9 @@ import datetime
 import os
 import shutil
 import time
-import uuid
 
 import _release_artifact as artifact
+import _release_builds as builds_lib
 import _release_config_check as config_dry_run
 import _release_fleet as fleet
 import _release_prune as prune_lib
@@ -90,8 +90,15 @@ def screen(run):
 
 
 def build(run):
-    """Export the commit's tree (no .git) and run the project's build commands in it."""
-    run.tree = os.path.join(run.builds, uuid.uuid4().hex)
+    """
+    Export the commit's tree (no .git) into this run's build folder, after
+    removing those of dead runs, and run the project's build commands in it.
+    """
+    removed = builds_lib.sweep(run.builds)
+    if removed:
+        runs.say(run, f"removed {len(removed)} build(s) left by dead runs")
+    run.build = builds_lib.Build(run.builds)
+    run.tree = os.path.join(run.build.path, "tree")
     try:
         source.export(source.mirror(run.state_dir, run.project), run.commit, run.tree)
     except source.SourceError as exc:
@@ -112,7 +119,7 @@ def package(run):
         "commit": run.commit, "version": run.version, "branch": run.ref_name, "full_ref": run.full_ref,
         "author": run.author, "built_at": built_at.isoformat(timespec="seconds"),
     }
-    run.tarball = os.path.join(run.builds, f"{run.name}.tar.gz")
+    run.tarball = os.path.join(run.build.path, f"{run.name}.tar.gz")
     run.sha256, run.manifest = artifact.package(run.tree, doc, run.tarball)
     run.records.update_run(run.record_id, commit=run.commit, release=run.name)
     runs.say(run, f"packaged {run.name} ({run.manifest['file_count']} files, sha256 {run.sha256[:12]})")
@@ -301,14 +308,12 @@ def _commands(run, key):
 
 def _cleanup(run):
     """
-    Remove the build tree, and the tarball when the run stopped before staging
-    it; a dry run's staged tarball and its checksum go too.
+    Remove the run's build folder (its tree, and its tarball when the run
+    stopped before staging it); a dry run's staged tarball and checksum go too.
     """
-    if run.tree and os.path.isdir(run.tree):
-        shutil.rmtree(run.tree, ignore_errors=True)
-    if run.tarball and os.path.dirname(run.tarball) == run.builds and os.path.exists(run.tarball):
-        os.unlink(run.tarball)
-    elif run.tarball and run.kind == "plan":
+    if run.build:
+        run.build.remove()
+    if run.tarball and run.kind == "plan":
         for path in (run.tarball, published.checksum_path(run.tarball)):
             if os.path.exists(path):
                 os.unlink(path)

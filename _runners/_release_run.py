@@ -58,6 +58,7 @@ class Run:
     full_ref: str = None  # refs/heads/x, refs/tags/x, or the commit itself
     version: str = None
     name: str = None
+    build: object = None  # this run's build folder (_release_builds.Build), locked while the run lives
     tree: str = None
     tarball: str = None
     source_url: str = None
@@ -84,7 +85,7 @@ class Run:
 
     @property
     def builds(self):
-        """Where the exported tree and the tarball live until the tarball is staged."""
+        """Where each run's build folder (the exported tree, the tarball until it is staged) lives."""
         return os.path.join(self.state_dir, "builds")
 
     @property

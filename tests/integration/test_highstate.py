@@ -11,6 +11,7 @@ published release, configured, switched, health-checked, and reports it.
 
 import os
 import subprocess
+import time
 
 import pytest
 from pytestshellutils.utils.ports import get_unused_localhost_port
@@ -130,6 +131,12 @@ def test_a_dry_run_records_no_deploy_publishes_nothing_and_leaves_nothing_staged
     with open(fleet, encoding="utf-8") as handle:
         published_before = handle.read()
     artifacts_before = _artifacts(m8)
+    # What a runner killed mid-build leaves: its build folder, unlocked since it died.
+    builds = os.path.join(m8.master.config["cachedir"], "release", "builds")
+    stale = os.path.join(builds, "0" * 32)
+    os.makedirs(os.path.join(stale, "tree", "public"))
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
 
     result, ret = m8.run("release.deploy", "rainbow", "env=pro", "ref=v1.0.0", "diff=True")
     assert result.returncode == 0 and ret["result"] is True and ret["dry_run"] is True, ret
@@ -144,8 +151,7 @@ def test_a_dry_run_records_no_deploy_publishes_nothing_and_leaves_nothing_staged
         assert handle.read() == published_before
     assert _artifacts(m8) == artifacts_before
     assert [_staged(m8, m) for m in MINIONS] == [[], []]
-    builds = os.path.join(m8.master.config["cachedir"], "release", "builds")
-    assert not os.path.isdir(builds) or os.listdir(builds) == []
+    assert os.listdir(builds) == []  # the dead run's build and this run's own
     _, history = m8.run("release.history", "rainbow", "limit=1")
     assert history["runs"][0]["kind"] == "plan", history
     for minion in MINIONS:
