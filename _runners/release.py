@@ -207,8 +207,9 @@ def history(project, env=None, limit=20, phases=False, **kwargs):
 def stats(project, env=None, days=30, **kwargs):
     """
     Deployment statistics over the last ``days`` days: deploys, failures,
-    rollbacks, success rate, median and 95th-percentile duration, and the mean
-    time to recover (failed deploy to the next good release).
+    rollbacks, success rate, median and 95th-percentile duration, the mean
+    time to recover (failed deploy to the next good release) and ``recoveries``,
+    how many recoveries that mean is over. Dry runs (``diff=True``) count nowhere.
 
     CLI Example:
 
