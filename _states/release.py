@@ -89,8 +89,8 @@ def _plan(project, target, old):
     installed = name in __salt__["release.list"](project)["releases"]
     steps = [f"{name} is installed" if installed else f"would install {name} from {target['source']}",
              f"switch {project} from {old} to {name}", "reload its stack"]
-    if target.get("health"):
-        steps.append(f"check {_health_url(project, target)}")
+    if target["health_url"]:
+        steps.append(f"check {target['health_url']}")
     return "; ".join(steps)
 
 
@@ -133,20 +133,26 @@ def _switch_back(project, old, env):
 
 def _check(project, target):
     """``(ok, what to say)``: the environment's health check against this node (ok when it has none)."""
-    if not target.get("health"):
+    url = target["health_url"]
+    if not url:
         return True, None
-    url = _health_url(project, target)
     ok, problem = health_lib.check(target["health"], url, target["release"])
     return ok, f"health check {url} passed" if ok else f"health check failed: {problem}"
 
 
-def _health_url(project, target):
-    host = health_lib.grain_value(__grains__, target.get("host_grain") or health_lib.DEFAULT_HOST_GRAIN)
-    return health_lib.url_for(target["health"], host, __grains__.get("id"), project)
+def _health_url(project, health, host_grain):
+    """This node's health URL (None without a health check); a missing host grain fails before any change."""
+    if not health:
+        return None
+    grain = host_grain or health_lib.DEFAULT_HOST_GRAIN
+    host = health_lib.grain_value(__grains__, grain)
+    if not host:
+        raise CommandExecutionError(f"no '{grain}' grain on this node for the health check of {project}")
+    return health_lib.url_for(health, host, __grains__.get("id"), project)
 
 
 def _target(project, release, source, source_hash, env):
-    """What to run: ``{release, source, source_hash, env, locked, fence}``, or None when nothing is known."""
+    """What to run: ``{release, source, source_hash, env, locked, fence, health, health_url}``, or None."""
     fleet = (__pillar__.get("release_fleet") or {}).get(project) or {}
     release = release or fleet.get("release")
     if not release:
@@ -165,7 +171,7 @@ def _target(project, release, source, source_hash, env):
     locked = bool(fleet.get("locked")) and env == fleet.get("env")
     return {"release": release, "source": source, "source_hash": source_hash, "env": env,
             "locked": locked, "fence": fleet.get("fence"), "health": fleet.get("health"),
-            "host_grain": fleet.get("host_grain")}
+            "health_url": _health_url(project, fleet.get("health"), fleet.get("host_grain"))}
 
 
 def _beside(fleet_source, release):

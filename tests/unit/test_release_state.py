@@ -108,6 +108,15 @@ def test_deployed_installs_activates_and_confirms_the_published_release():
                               "current reads back r_new")
 
 
+def test_a_node_without_the_host_grain_fails_before_any_change(app):
+    pillar = with_health(app)
+    pillar["release_fleet"]["rainbow"]["host_grain"] = "nosuch"
+    node = Node(current="r_old")
+    ret = state(node, pillar=pillar).deployed("rainbow")
+    assert ret["result"] is False and "no 'nosuch' grain on this node" in ret["comment"], ret
+    assert node.calls == []
+
+
 def test_deployed_checks_the_nodes_health_before_it_confirms(app):
     node = Node(current="r_old")
     ret = state(node, pillar=with_health(app)).deployed("rainbow")
