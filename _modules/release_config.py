@@ -377,14 +377,13 @@ def _dry_run(project, name, source, source_hash, offer, keep=True):
         manifest = _read_manifest(tree)
         if manifest.get("name") != name:
             raise CommandExecutionError(f"artifact {source} is not release {name}")
-        rendered = _rendered(project, tree, manifest)
+        return _rendered(project, tree, manifest)
     except CommandExecutionError:
-        keep = False
+        node.unstage(node.paths(settings), name)
         raise
     finally:
-        if not keep:
+        if not keep:  # no install follows to take the staged tree
             _forget(settings, name, source)
-    return rendered
 
 
 def _forget(settings, name, source):
