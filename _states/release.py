@@ -145,10 +145,12 @@ def _health_url(project, health, host_grain):
     if not health:
         return None
     grain = host_grain or health_lib.DEFAULT_HOST_GRAIN
-    host = health_lib.grain_value(__grains__, grain)
+    # grains.items, not __grains__: the loader's __grains__ is a context object, not a dict.
+    grains = __salt__["grains.items"]()
+    host = health_lib.grain_value(grains, grain)
     if not host:
         raise CommandExecutionError(f"no '{grain}' grain on this node for the health check of {project}")
-    return health_lib.url_for(health, host, __grains__.get("id"), project)
+    return health_lib.url_for(health, host, grains.get("id"), project)
 
 
 def _target(project, release, source, source_hash, env):

@@ -103,7 +103,7 @@ def test_a_new_node_gets_the_published_release_of_a_waves_environment(m8, ports)
     assert served(ports, "m8-web2", "rainbow") is None
     applied, states = apply(m8, "m8-web2")
     state = states["release-rainbow"]
-    assert applied.returncode == 0 and state["result"] is True, applied
+    assert applied.returncode == 0 and state["result"] is True, state
     assert state["changes"] == {"old": None, "new": release}, state
     assert "health check http://127.0.0.1:" in state["comment"] and f"current reads back {release}" in state["comment"]
     assert states["release-rainbow-pruned"]["result"] is True, states
@@ -176,7 +176,7 @@ def test_a_drifted_node_is_brought_back(m8, ports):
 
     applied, states = apply(m8, "m8-web1")
     state = states["release-rainbow"]
-    assert applied.returncode == 0 and state["result"] is True, applied
+    assert applied.returncode == 0 and state["result"] is True, state
     assert state["changes"] == {"old": first, "new": release} and "passed" in state["comment"], state
     assert current(m8, "m8-web1") == release
     assert served(ports, "m8-web1", "rainbow") == release
@@ -190,7 +190,7 @@ def test_a_minion_added_after_the_deploy_gets_the_release_by_highstate(m8, ports
         assert synced.returncode == 0, synced
         applied, states = apply(m8, LATE)
         state = states["release-rainbow"]
-        assert applied.returncode == 0 and state["result"] is True, applied
+        assert applied.returncode == 0 and state["result"] is True, state
         assert state["changes"] == {"old": None, "new": release}, state
         assert current(m8, LATE) == release
         assert served(ports, LATE, "rainbow") == release

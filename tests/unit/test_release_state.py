@@ -28,6 +28,7 @@ class Node:
             "release.confirm": self.confirm,
             "release.prune": self.prune,
             "cp.get_file_str": self.checksum,
+            "grains.items": lambda: {"id": "web1", "web": {"addr": "127.0.0.1"}},
         }
 
     @staticmethod
@@ -56,8 +57,7 @@ class Node:
 
 def state(node, test=False, pillar=None):
     return load("_states/release.py", "release_state", salt=node.functions(), opts={"test": test},
-                pillar={"release_fleet": FLEET} if pillar is None else pillar,
-                grains={"id": "web1", "web": {"addr": "127.0.0.1"}})
+                pillar={"release_fleet": FLEET} if pillar is None else pillar)
 
 
 @pytest.fixture
