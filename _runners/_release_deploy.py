@@ -171,8 +171,9 @@ def config_check(run):
         if ok:
             run.nodes[minion]["files"] = value["files"]
             runs.say(run, f"{minion} config: {config_dry_run.summary(value['files'])}")
-        if dry_run:  # a node's file list and sha256, nothing of a release it never got
-            run.nodes[minion] = {k: v for k, v in run.nodes[minion].items() if k in ("result", "files", "error")}
+        if dry_run:  # a node's file list and sha256 (or its error), nothing of a release it never got
+            keys = ("result", "files") if ok else ("result", "error")
+            run.nodes[minion] = {k: run.nodes[minion][k] for k in keys}
     if failed:
         raise DeployError(f"config check failed on {', '.join(failed)}: no node was touched")
 
