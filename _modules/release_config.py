@@ -28,6 +28,7 @@ This module stands alone (standard library, Jinja and Salt); ``release.install``
 calls ``render`` through ``__salt__``.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -329,7 +330,8 @@ def render(project, release_dir, manifest=None, env=None):
     return _reported(project, env, manifest.get("name"), False, work)
 
 
-def check(project, name, source, source_hash, env=None, delta_source=None, delta_hash=None, base=None):
+def check(project, name, source, source_hash, env=None, delta_source=None, delta_hash=None, base=None,
+          keep=True):
     """
     Dry run: render this node's files for release ``name`` (its artifact
     fetched from ``source`` and checked against ``source_hash``) in memory,
@@ -338,6 +340,8 @@ def check(project, name, source, source_hash, env=None, delta_source=None, delta
     into ``deploy_to/.staging/<name>`` (root only), which ``release.install``
     of the same artifact then moves into place instead of unpacking again.
     A project without ``files`` fetches nothing: there is nothing to render.
+    ``keep=False`` (``release.deploy diff=True``: no install follows) leaves
+    nothing behind: neither the staged tree nor the fetched artifact.
 
     CLI Example:
 
@@ -351,7 +355,7 @@ def check(project, name, source, source_hash, env=None, delta_source=None, delta
     def work():
         conf = _project_pillar(project)
         offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
-        rendered = _dry_run(project, name, source, source_hash, offer) if conf.get("files") else {}
+        rendered = _dry_run(project, name, source, source_hash, offer, keep) if conf.get("files") else {}
         current = os.path.join(conf.get("deploy_to") or "/nonexistent", "current")
         files = {t: _compare(current, t, _digest(v[0])) for t, v in rendered.items()}
         for target in sorted(set(_read_index(current)) - set(files)):
@@ -361,10 +365,11 @@ def check(project, name, source, source_hash, env=None, delta_source=None, delta
     return _reported(project, env, name, True, work)
 
 
-def _dry_run(project, name, source, source_hash, offer):
+def _dry_run(project, name, source, source_hash, offer, keep=True):
     """
     Render this node's files for release ``name`` from its tree, built once
-    into the staging folder: ``release.install`` of the same artifact reuses it.
+    into the staging folder: ``release.install`` of the same artifact reuses it
+    (unless ``keep`` is False: then the tree and the fetched artifact go).
     """
     settings = node.settings(__opts__, __pillar__, project)
     tree = node.stage(__salt__, settings, name, source, source_hash, offer)
@@ -376,6 +381,20 @@ def _dry_run(project, name, source, source_hash, offer):
     except CommandExecutionError:
         node.unstage(node.paths(settings), name)
         raise
+    finally:
+        if not keep:  # no install follows to take the staged tree
+            _forget(settings, name, source)
+
+
+def _forget(settings, name, source):
+    """Remove what a dry run left: the staged tree (and the staging folder once empty), the cached artifact."""
+    staging = node.paths(settings)["staging"]
+    node.unstage(node.paths(settings), name)
+    with contextlib.suppress(OSError):
+        os.rmdir(staging)
+    cached = __salt__["cp.is_cached"](source)
+    if cached and os.path.isfile(cached):
+        os.unlink(cached)
 
 
 def _read_manifest(tree):

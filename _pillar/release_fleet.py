@@ -12,6 +12,8 @@ same target the runner deploys to), under ``release_fleet:<project>``::
         release: rainbow_test_1.1.0_master_2026-11-26_101500_alice
         source: salt://releases/rainbow/rainbow_test_..._alice.tar.gz
         source_hash: sha256=...
+        health: {url: 'http://{host}:8080/health', expect: release}   # when the environment has one
+        host_grain: fqdn_ip4[0]
 
 When several environments' targets match one minion, the most recently
 recorded release wins: it is the last one a good deploy put on that node.
@@ -33,6 +35,7 @@ import logging
 
 import salt.utils.minions
 
+import release_health as health_lib
 import release_published as published
 import release_settings as settings
 
@@ -55,8 +58,17 @@ def ext_pillar(minion_id, pillar, *args, **kwargs):
         record = _latest_matching(minion_id, config, records)
         if record:
             fleet[project] = {k: record.get(k) for k in ("env", "release", "source", "source_hash")}
+            fleet[project].update(_health(config["environments"][record["env"]]))
             fleet[project].update(published.deploy_in_progress(conf["state_dir"], project, record["env"]) or {})
     return {"release_fleet": fleet} if fleet else {}
+
+
+def _health(environment):
+    """The environment's health check, for ``release.deployed`` to run on the node after it switched."""
+    if not environment.get("health"):
+        return {}
+    return {"health": dict(environment["health"]),
+            "host_grain": environment.get("host_grain", health_lib.DEFAULT_HOST_GRAIN)}
 
 
 def _latest_matching(minion_id, config, records):

@@ -13,10 +13,11 @@ import _release_fleet as fleet
 REFRESH_TIMEOUT_S = 60
 
 
-def preflight(opts, minions, project, name, source_url, sha256, env, timeout_s, delta_offer=None):
+def preflight(opts, minions, project, name, source_url, sha256, env, timeout_s, delta_offer=None, keep=True):
     """
     ``{minion: (ok, value)}`` as ``fleet.run_on`` gives it, for the check of
     each node; with ``delta_offer`` nodes that have its base fetch only the delta.
+    ``keep=False`` (a dry run: no install follows) leaves nothing staged on the nodes.
     """
     # Install renders from the minion's in-memory pillar: refresh it first so the
     # dry run and the install see the same, current pillar.
@@ -24,7 +25,9 @@ def preflight(opts, minions, project, name, source_url, sha256, env, timeout_s, 
                              timeout_s=REFRESH_TIMEOUT_S)
     checked = fleet.run_on(
         opts, [m for m in minions if refreshed[m][0]], "release_config.check",
-        arg=[project, name], kwarg={"source": source_url, "source_hash": sha256, "env": env, **(delta_offer or {})},
+        arg=[project, name],
+        kwarg={"source": source_url, "source_hash": sha256, "env": env, **(delta_offer or {}),
+               **({} if keep else {"keep": False})},
         timeout_s=timeout_s,
     )
     return {m: checked.get(m) or (False, f"pillar refresh failed: {refreshed[m][1]}") for m in minions}

@@ -6,9 +6,11 @@ the deploy lock (``STEPS``)::
           -> config_check -> install -> rollout -> prune
 
 then ``_release_run.conclude`` (return, history, published release).
-``diff=True`` stops after ``config_check``: each node reports which config
-files would change (names and sha256, never contents) and nothing is
-installed. ``install`` stages the release on every node before any node
+``diff=True`` is a dry run (``DIFF_STEPS``, a ``plan`` record that no
+statistic counts, no published release): the artifact is staged only for the
+nodes' config check and removed after it, nodes keep nothing, and each node
+reports which config files would change (names and sha256, never contents).
+``install`` stages the release on every node before any node
 switches; ``rollout`` is the safe rollout (``_release_rollout.py``): wave by
 wave, batch by batch, each node drained, switched, reloaded, verified and put
 back. The rollback pipeline reuses ``plan``.
@@ -17,9 +19,10 @@ back. The rollback pipeline reuses ``plan``.
 import datetime
 import os
 import shutil
-import uuid
+import time
 
 import _release_artifact as artifact
+import _release_builds as builds_lib
 import _release_config_check as config_dry_run
 import _release_fleet as fleet
 import _release_prune as prune_lib
@@ -30,6 +33,7 @@ import _release_source as source
 import _release_store as store
 import _release_switch as switch
 import release_contract as contract
+import release_health as health_lib
 import release_published as published
 
 DeployError = runs.DeployError
@@ -37,9 +41,11 @@ DeployError = runs.DeployError
 
 def deploy(run, wait, diff=False):
     """The whole pipeline under the lock; the build tree is removed whatever happens."""
-    steps = STEPS[:STEPS.index(config_check) + 1] if diff else STEPS
+    steps = DIFF_STEPS if diff else STEPS
+    if diff:
+        run.facts["dry_run"] = True
     try:
-        with runs.Locked(run, "deploy", wait):
+        with runs.Locked(run, "diff" if diff else "deploy", wait):
             runs.run_steps(run, steps)
     except DeployError as exc:
         run.error = run.error or str(exc)
@@ -84,8 +90,15 @@ def screen(run):
 
 
 def build(run):
-    """Export the commit's tree (no .git) and run the project's build commands in it."""
-    run.tree = os.path.join(run.builds, uuid.uuid4().hex)
+    """
+    Export the commit's tree (no .git) into this run's build folder, after
+    removing those of dead runs, and run the project's build commands in it.
+    """
+    removed = builds_lib.sweep(run.builds)
+    if removed:
+        runs.say(run, f"removed {len(removed)} build(s) left by dead runs")
+    run.build = builds_lib.Build(run.builds)
+    run.tree = os.path.join(run.build.path, "tree")
     try:
         source.export(source.mirror(run.state_dir, run.project), run.commit, run.tree)
     except source.SourceError as exc:
@@ -106,7 +119,7 @@ def package(run):
         "commit": run.commit, "version": run.version, "branch": run.ref_name, "full_ref": run.full_ref,
         "author": run.author, "built_at": built_at.isoformat(timespec="seconds"),
     }
-    run.tarball = os.path.join(run.builds, f"{run.name}.tar.gz")
+    run.tarball = os.path.join(run.build.path, f"{run.name}.tar.gz")
     run.sha256, run.manifest = artifact.package(run.tree, doc, run.tarball)
     run.records.update_run(run.record_id, commit=run.commit, release=run.name)
     runs.say(run, f"packaged {run.name} ({run.manifest['file_count']} files, sha256 {run.sha256[:12]})")
@@ -146,9 +159,10 @@ def delta(run):
 
 def config_check(run):
     """Every node renders its config in a dry run; one that cannot stops the deploy untouched."""
+    dry_run = run.kind == "plan"
     outcomes = config_dry_run.preflight(
         run.opts, run.minions, run.project, run.name, run.source_url, run.sha256, run.env,
-        run.config["install_timeout_s"], run.delta_offer,
+        run.config["install_timeout_s"], run.delta_offer, keep=not dry_run,
     )
     # Strict, whatever the waves' failure budgets: a config error is in pillar or
     # templates, and would fail the same way on the next node.
@@ -157,6 +171,9 @@ def config_check(run):
         if ok:
             run.nodes[minion]["files"] = value["files"]
             runs.say(run, f"{minion} config: {config_dry_run.summary(value['files'])}")
+        if dry_run:  # a node's file list and sha256 (or its error), nothing of a release it never got
+            keys = ("result", "files") if ok else ("result", "error")
+            run.nodes[minion] = {k: run.nodes[minion][k] for k in keys}
     if failed:
         raise DeployError(f"config check failed on {', '.join(failed)}: no node was touched")
 
@@ -201,11 +218,13 @@ def prune(run):
         run.facts["warnings"] = [f"pruned nothing: {exc}"]
         return
     keep = run.config.get("keep_releases")
+    started, began = store.now(), time.monotonic()
     outcomes = fleet.run_on(run.opts, minions, "release.prune", arg=[run.project],
                             kwarg={"keep": keep} if keep else {}, timeout_s=run.config["timeout_s"])
+    took = round(time.monotonic() - began, 3)
     still_used = {run.name}
     for minion, (ok, value) in sorted(outcomes.items()):
-        run.records.node_phase(run.record_id, minion, "prune", store.now(), 0.0, ok, None if ok else value)
+        run.records.node_phase(run.record_id, minion, "prune", started, took, ok, None if ok else value)
         if ok:
             still_used.update(value["kept"])
             run.nodes.setdefault(minion, contract.node_result(True))["pruned"] = value["removed"]
@@ -218,6 +237,7 @@ def prune(run):
 
 
 STEPS = (fetch, screen, build, check, package, stage, plan, delta, config_check, install, rollout, prune)
+DIFF_STEPS = (fetch, screen, build, check, package, stage, plan, config_check)
 
 
 def plan_only(run):
@@ -264,9 +284,9 @@ def hosts(run):
     """Each node's address for health checks and the load balancer, read from a grain in the master's cache."""
     if not (run.environment.get("health") or run.environment.get("lb")):
         return {}
-    grain = run.environment.get("host_grain", rollout_lib.DEFAULT_HOST_GRAIN)
+    grain = run.environment.get("host_grain", health_lib.DEFAULT_HOST_GRAIN)
     grains = run.functions["cache.grains"](tgt=",".join(run.minions), tgt_type="list")
-    found = {m: rollout_lib.grain_value(grains.get(m) or {}, grain) for m in run.minions}
+    found = {m: health_lib.grain_value(grains.get(m) or {}, grain) for m in run.minions}
     unknown = [m for m, host in found.items() if not host]
     if unknown:
         raise DeployError(f"no '{grain}' grain in the master's cache for {', '.join(unknown)}")
@@ -288,8 +308,13 @@ def _commands(run, key):
 
 
 def _cleanup(run):
-    """Remove the build tree, and the tarball when the run stopped before staging it."""
-    if run.tree and os.path.isdir(run.tree):
-        shutil.rmtree(run.tree, ignore_errors=True)
-    if run.tarball and os.path.dirname(run.tarball) == run.builds and os.path.exists(run.tarball):
-        os.unlink(run.tarball)
+    """
+    Remove the run's build folder (its tree, and its tarball when the run
+    stopped before staging it); a dry run's staged tarball and checksum go too.
+    """
+    if run.build:
+        run.build.remove()
+    if run.tarball and run.kind == "plan":
+        for path in (run.tarball, published.checksum_path(run.tarball)):
+            if os.path.exists(path):
+                os.unlink(path)

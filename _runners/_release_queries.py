@@ -32,8 +32,11 @@ def status(loader, project, env, kwargs):
 
 
 def history(opts, project, env, limit, phases):
-    records = runs.records(runs.master_settings(opts))
+    conf = runs.master_settings(opts)
+    records = runs.records(conf)
     rows = [_readable(row) for row in records.runs(project, env, limit)]
+    if not rows and runs.unknown_target(conf, project, env):
+        return _unknown(conf, project, env)
     if phases:
         for row in rows:
             row["phases"] = records.phases(row["id"])
@@ -41,8 +44,18 @@ def history(opts, project, env, limit, phases):
 
 
 def stats(opts, project, env, days):
-    figures = stats_lib.summarize(recent_runs(runs.records(runs.master_settings(opts)), project, env, days))
+    conf = runs.master_settings(opts)
+    records = runs.records(conf)
+    if runs.unknown_target(conf, project, env) and not records.runs(project, env, 1):
+        return _unknown(conf, project, env)
+    figures = stats_lib.summarize(recent_runs(records, project, env, days))
     return dict(figures, result=True, project=project, env=env, days=days, retcode=0)
+
+
+def _unknown(conf, project, env):
+    """A project or environment that is neither configured nor on record: said, with a failing exit code."""
+    problem = runs.unknown_target(conf, project, env)
+    return {"result": False, "error": f"{problem}, and no run of it is on record", "retcode": 1}
 
 
 def report(opts, project, out, env, days):

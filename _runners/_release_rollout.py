@@ -23,18 +23,13 @@ node to the new release, a rollback sends each node to its own target.
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import math
-import re
 import time
-import urllib.error
-import urllib.request
 
 import _release_fleet as fleet
+import release_health as health_lib  # shared with the node's release.deployed state
 
-DEFAULT_HOST_GRAIN = "fqdn_ip4[0]"
 DEFAULT_TIMEOUT_S = 60
-HEALTH_INTERVAL_S = 1.0
 RELOAD_FAILED = "reload failed on "  # release.activate's error when the release ran and its reload failed
 
 
@@ -80,55 +75,10 @@ def plan_waves(opts, environment):
     return waves
 
 
-def grain_value(grains, path):
-    """Read ``a:b`` or ``fqdn_ip4[0]`` style paths out of a grains dict."""
-    value = grains
-    for part in path.split(":"):
-        match = re.match(r"^([^\[]+)(?:\[(\d+)\])?$", part)
-        if not match or not isinstance(value, dict):
-            return None
-        value = value.get(match.group(1))
-        if match.group(2) is not None:
-            index = int(match.group(2))
-            value = value[index] if isinstance(value, list) and len(value) > index else None
-    return value
 
 
-def check_health(url, release, expect="release", timeout_s=10, retries=3, interval_s=HEALTH_INTERVAL_S):
-    """
-    GET ``url`` until it answers as expected or the retries run out; returns
-    ``(ok, problem)``. ``expect: release`` passes only when the body or the
-    ``X-Release`` header names ``release``; ``ok`` takes any 2xx; anything
-    else must appear in the body.
-    """
-    problem = None
-    for attempt in range(max(1, int(retries))):
-        if attempt:
-            time.sleep(interval_s)
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:
-                status, raw = response.status, response.read(65536)
-                served = response.headers.get("X-Release") or ""
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            problem = f"{url}: {getattr(exc, 'reason', exc)}"
-            continue
-        body = raw.decode("utf-8", "replace")
-        if expect == "ok" or (expect == "release" and (release == served or release in body)):
-            return True, None
-        if expect not in ("ok", "release") and expect in body:
-            return True, None
-        problem = health_problem(url, status, raw, release if expect == "release" else expect)
-    return False, problem
 
 
-def health_problem(url, status, raw, wanted):
-    """
-    Why a health answer failed, without a byte of what was served: a failing
-    app may print its config (secrets) into the page, and this text reaches
-    the return, the events and the history.
-    """
-    digest = hashlib.sha256(raw).hexdigest()[:12]
-    return f"{url}: HTTP {status}, expected {wanted!r}; body of {len(raw)} bytes (sha256 {digest}...) does not name it"
 
 
 @dataclasses.dataclass
@@ -141,6 +91,7 @@ class Outcome:
     # Nodes where the release ran and failed its own checks (reload, health): only
     # these make it bad; a node-local error before it ran (staging, config, the switch) does not.
     failed_checks: list = dataclasses.field(default_factory=list)
+    sent_back: list = dataclasses.field(default_factory=list)  # nodes ``back`` took on: each is tried once
     stopped: str = None
 
 
@@ -239,8 +190,10 @@ class Rollout:
         each wave in its own batches: never more nodes out at once than its
         rollout took out.
         """
+        minions = [m for m in minions if m not in outcome.sent_back]
         if not minions:
             return
+        outcome.sent_back.extend(minions)
         self.say(f"rolling back {len(minions)} node(s): {', '.join(minions)}")
         targets = {m: self.previous.get(m) for m in minions}
         for minion in [m for m in minions if not targets[m]]:
@@ -412,12 +365,8 @@ class Rollout:
         return running
 
     def _check(self, minion, release):
-        url = self.health["url"].format(host=self.hosts.get(minion), minion=minion, project=self.project)
-        return check_health(
-            url, release, self.health.get("expect", "release"),
-            float(self.health.get("timeout_s", 10)), int(self.health.get("retries", 3)),
-            float(self.health.get("interval_s", HEALTH_INTERVAL_S)),
-        )
+        url = health_lib.url_for(self.health, self.hosts.get(minion), minion, self.project)
+        return health_lib.check(self.health, url, release)
 
     def _drain(self, minions):
         """Take nodes out of the load balancer; remembers which backends this call took out."""

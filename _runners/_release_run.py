@@ -59,6 +59,7 @@ class Run:
     full_ref: str = None  # refs/heads/x, refs/tags/x, or the commit itself
     version: str = None
     name: str = None
+    build: object = None  # this run's build folder (_release_builds.Build), locked while the run lives
     tree: str = None
     tarball: str = None
     source_url: str = None
@@ -85,7 +86,7 @@ class Run:
 
     @property
     def builds(self):
-        """Where the exported tree and the tarball live until the tarball is staged."""
+        """Where each run's build folder (the exported tree, the tarball until it is staged) lives."""
         return os.path.join(self.state_dir, "builds")
 
     @property
@@ -173,7 +174,7 @@ def conclude(run):
     ret = run_return(run)
     ok = ret["result"]
     run.records.update_run(run.record_id, commit=run.commit, release=run.name)
-    if ok and run.sha256:
+    if ok and run.sha256 and run.kind != "plan":  # a dry run (diff=True) publishes nothing
         published.record_published_release(
             run.state_dir, run.project, run.env, run.name, run.source_url, run.sha256, run.jid
         )
@@ -230,11 +231,17 @@ def reporter(run):
             node["error"] = node.get("error") or "rolled back: the rollout stopped"
         if not ok:
             node.update(result=False, error=error)
-        run.records.node_phase(run.record_id, minion, phase, store.now(), duration_s, ok, error)
+        run.records.node_phase(run.record_id, minion, phase, started_at(duration_s), duration_s, ok, error)
         if phase in CONDUCTOR_PHASES or not ok and fleet.unreachable(error):
             fire(run, (minion, phase), contract.phase_event(release, ok, duration_s or 0, error))
 
     return report
+
+
+def started_at(duration_s):
+    """When a phase that just ended after ``duration_s`` seconds began (store.now()'s format)."""
+    begun = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=float(duration_s or 0))
+    return begun.isoformat(timespec="milliseconds")
 
 
 def note_outcomes(run, phase, outcomes):
@@ -321,7 +328,7 @@ class Locked:
 def unlock(opts, project, env, force):
     """Break a lock left behind by a dead run (``salt-run release.unlock``); recorded and fired."""
     conf = master_settings(opts)
-    problem = _unknown_target(conf, project, env)
+    problem = unknown_target(conf, project, env)
     if problem:
         return {"result": False, "error": problem, "retcode": 1}
     history = records(conf)
@@ -346,12 +353,12 @@ def unlock(opts, project, env, force):
     return {"result": True, "comment": f"broke the lock: {locking.describe(broken)}", "retcode": 0}
 
 
-def _unknown_target(conf, project, env):
-    """Why ``project``/``env`` names nothing to unlock, or None."""
+def unknown_target(conf, project, env):
+    """Why ``project``/``env`` (``env`` None: any) names nothing configured, or None."""
     config = conf["projects"].get(project)
     if config is None:
         return f"unknown project {project!r}: not under release:projects in the master config"
-    if env not in config["environments"]:
+    if env is not None and env not in config["environments"]:
         known = ", ".join(sorted(config["environments"])) or "none"
         return f"project {project} has no environment {env!r} (known: {known})"
     return None

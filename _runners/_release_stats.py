@@ -7,7 +7,9 @@ Master side: deployment statistics over the history's run rows.
 - median and 95th-percentile duration of finished deploys (nearest rank);
 - MTTR: from the end of a failed deploy to the end of the next good deploy or
   rollback in the same environment; a run of failures counts once, from its
-  first. Runs still going (or cut short by a crash) count only as unfinished.
+  first; ``recoveries`` is how many such recoveries the mean is over. Runs
+  still going (or cut short by a crash) count only as unfinished; dry runs
+  (kind ``plan``) count nowhere.
 """
 
 import datetime

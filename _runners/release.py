@@ -84,7 +84,10 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, fo
     ``test=True`` prints the plan (waves, batches, each node's current and new
     release, the load-balancer steps) and changes nothing. A commit whose
     release a rollback marked bad is only deployed again with ``force=True``.
-    ``diff=True`` reports each node's config changes and installs nothing.
+    ``diff=True`` is a dry run: it builds, lets each node render its config
+    and reports per node the files and their sha256 (changed, new, unchanged,
+    removed); it installs nothing, leaves nothing staged, publishes nothing
+    and records a ``plan`` run that no statistic counts.
 
     CLI Example:
 
@@ -97,10 +100,11 @@ def deploy(project, env, ref, author=None, wait=0, trigger="cli", test=False, fo
     """
     if test:
         return deploy_pipeline.plan_only(runs.begin(_loader(), project, env, ref, author, "plan", {}, record=False))
-    run = runs.begin(_loader(), project, env, ref, author, trigger, kwargs)
+    diff = bool(kwargs.get("diff"))
+    run = runs.begin(_loader(), project, env, ref, author, trigger, kwargs, kind="plan" if diff else "deploy")
     run.force = bool(force)
     run.expect_commit = kwargs.get("expect_commit")
-    return deploy_pipeline.deploy(run, wait, diff=bool(kwargs.get("diff")))
+    return deploy_pipeline.deploy(run, wait, diff=diff)
 
 
 @_answers_errors
@@ -204,8 +208,9 @@ def history(project, env=None, limit=20, phases=False, **kwargs):
 def stats(project, env=None, days=30, **kwargs):
     """
     Deployment statistics over the last ``days`` days: deploys, failures,
-    rollbacks, success rate, median and 95th-percentile duration, and the mean
-    time to recover (failed deploy to the next good release).
+    rollbacks, success rate, median and 95th-percentile duration, the mean
+    time to recover (failed deploy to the next good release) and ``recoveries``,
+    how many recoveries that mean is over. Dry runs (``diff=True``) count nowhere.
 
     CLI Example:
 

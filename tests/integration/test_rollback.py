@@ -21,6 +21,7 @@ import pytest
 from pytestshellutils.utils.ports import get_unused_localhost_port
 
 from tests.conftest import make_file_root, project_config, start_cluster
+from tests.integration import artifacts
 from tests.integration.nginx_lb import served, start_app_server
 
 NODES = ("m6-web1", "m6-web2", "m6-web3")
@@ -116,17 +117,12 @@ def history(cluster, project, **options):
 def test_emergency_rollback_never_picks_a_release_only_staged_there(m6):
     """Hostile: older releases installed on the node but never run there (one marked bad) are no target."""
     staged = []
-    for ref in (A, B):  # built and staged by a dry run, installed by hand, never activated
-        result, ret = deploy(m6, "staged", "one", ref, "diff=True")
-        assert result.returncode == 0, ret
-        tarball = os.path.join(m6.release_config["artifact_root"], "staged", f"{ret['release']}.tar.gz")
-        with open(tarball + ".sha256") as handle:
-            sha = handle.read().split()[0]
-        installed = m6.salt_cli.run("release.install", "staged", ret["release"],
-                                    f"source=salt://releases/staged/{ret['release']}.tar.gz", f"source_hash={sha}",
-                                    minion_tgt="m6-web1")
+    for version in ("v0.1", "v0.2"):  # staged on the master and installed by hand, never activated
+        name = artifacts.fresh_name("staged", version)
+        url, sha = artifacts.stage(m6, "staged", name, [artifacts.file_member("public/index.html", b"staged\n")])
+        installed = artifacts.install(m6, "m6-web1", "staged", name, url, sha)
         assert installed.returncode == 0, installed
-        staged.append(ret["release"])
+        staged.append(name)
     c = deployed(m6, "staged", "one", C)
     listed = m6.salt_cli.run("release.list", "staged", minion_tgt="m6-web1").data
     assert sorted(listed["releases"]) == sorted(staged + [c]) and listed["rollback_target"] is None, listed

@@ -8,9 +8,9 @@ import threading
 
 import pytest
 
-import _release_rollout as rollout
 import _release_run as runs
 import _release_store as store
+import release_health as health
 import release_safe_fs as safe_fs
 
 LEAK = "db_password=hunter2-do-not-leak"
@@ -38,7 +38,7 @@ def leaky_app():
 
 
 def test_a_failed_health_check_never_echoes_the_served_body(leaky_app):
-    ok, problem = rollout.check_health(leaky_app, "20260101_r1", retries=1)
+    ok, problem = health.check_health(leaky_app, "20260101_r1", retries=1)
     assert not ok
     assert "hunter2" not in problem and LEAK not in problem
     assert "HTTP 200" in problem and "20260101_r1" in problem and "sha256" in problem and "bytes" in problem

@@ -28,7 +28,7 @@ class GlobMinions:
 def pillar(tmp_path, monkeypatch):
     opts = {"cachedir": str(tmp_path), "file_roots": {"base": [str(tmp_path / "srv")]}, "release": {"projects": {
         "rainbow": {"repo": "r", "environments": {
-            "test": {"target": "web1"},
+            "test": {"target": "web1", "health": {"url": "http://{host}/health", "retries": 2}},
             "pro": {"waves": [{"name": "pre", "target": "pre1"}, {"name": "rest", "target": "web*"}]},
             "odd": {"target": "G@x:y", "tgt_type": "compound"},
         }},
@@ -62,6 +62,13 @@ def test_the_latest_published_of_matching_environments_wins(pillar):
     publish(pillar.state_dir, "test", "r_test_2")
     assert pillar.ext_pillar("web1", {})["release_fleet"]["rainbow"]["release"] == "r_test_2"
     assert pillar.ext_pillar("web2", {})["release_fleet"]["rainbow"]["release"] == "r_pro_1"
+
+
+def test_the_environments_health_check_goes_to_its_nodes(pillar):
+    publish(pillar.state_dir, "test", "r_test_2")
+    entry = pillar.ext_pillar("web1", {})["release_fleet"]["rainbow"]
+    assert entry["health"] == {"url": "http://{host}/health", "retries": 2}
+    assert entry["host_grain"] == "fqdn_ip4[0]"
 
 
 def test_a_target_the_master_cannot_evaluate_matches_nothing(pillar):

@@ -1,5 +1,6 @@
 """The run machinery (_runners/_release_run.py): return, history, progress and events, no daemons."""
 
+import datetime
 import json
 import os
 
@@ -54,6 +55,14 @@ def test_the_reporter_keeps_nodes_writes_phases_and_fires_conductor_events(run):
     assert [tag for tag, _ in run.fired] == ["release/app/pro/web1/drain", "release/app/pro/web2/install"]
 
 
+def test_a_phase_is_recorded_with_the_time_it_started(run):
+    before = store.now()
+    runs.reporter(run)("web1", "install", True, 30.0, None, "r_new")
+    phase = run.records.phases(run.record_id)[0]
+    started = datetime.datetime.fromisoformat(phase["started_at"])
+    assert (datetime.datetime.fromisoformat(before) - started).total_seconds() >= 29.9, phase
+
+
 def test_a_rollback_phase_marks_the_node_failed(run):
     runs.reporter(run)("web1", "rollback", True, 0.1, None, "r_old")
     assert run.nodes["web1"]["result"] is False and run.nodes["web1"]["rolled_back"] is True
@@ -78,6 +87,13 @@ def test_conclude_after_a_failed_step_says_which_and_publishes_nothing(run):
     assert published.published_releases(run.state_dir, "app") == {}
     details = json.loads(run.records.runs("app", "pro", 1)[0]["details"])
     assert details["failed_step"] == "build" and run.said[-1] == "FAILED: v1 build failed"
+
+
+def test_a_dry_run_publishes_nothing(run):
+    run.kind, run.name, run.sha256, run.source_url = "plan", "r_new", "d" * 64, "salt://releases/app/r_new.tar.gz"
+    run.nodes = {"web1": {"result": True, "files": {}}}
+    assert runs.conclude(run)["result"] is True
+    assert published.published_releases(run.state_dir, "app") == {}
 
 
 def test_a_run_with_no_node_is_not_a_success(run):

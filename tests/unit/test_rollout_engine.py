@@ -75,3 +75,17 @@ def test_auto_rollback_never_takes_out_more_than_a_batch(monkeypatch, spec):
     assert outcome.stopped and sorted(outcome.reverted) == ["a", "b", "c"]
     drains = [backends for fun, backends in fake.calls if fun == "release_lb.drain"]
     assert max(len(d) for d in drains) == 1
+
+
+def test_a_first_deploy_that_fails_says_rolling_back_once(monkeypatch):
+    """A node with nothing to go back to is tried once, not again when the rollout stops."""
+    fake = FakeFleet()
+    monkeypatch.setattr(fleet, "run_on", fake.run_on)
+    said, reports = [], []
+    roll = rollout.Rollout({}, "app", "pro", {"auto_rollback": True}, {}, {}, 1,
+                           lambda *args, **kwargs: reports.append(args), said.append)
+    monkeypatch.setattr(roll, "_verify", lambda minions, targets: ([], list(minions)))
+    outcome = roll.forward([rollout.Wave("all", ["a"])], {"a": "new"})
+    assert outcome.stopped
+    assert [m for m in said if m.startswith("rolling back")] == ["rolling back 1 node(s): a"], said
+    assert [r[:3] for r in reports if r[1] == "rollback"] == [("a", "rollback", False)]
