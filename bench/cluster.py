@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 
+import usage
 import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,12 +74,14 @@ class Cluster:
     # ------------------------------------------------------------ commands
 
     def salt(self, fun, *args, target=None, batch=None, check=False, timeout_s=600):
+        """``salt``; its ``Done`` has ``timed_out`` set when ``timeout_s`` ran out (the command is killed)."""
         cmd = ["salt", "-c", self.conf_dir, "--out=json", "--static", "-t", "120"]
         if batch:
             cmd = ["salt", "-c", self.conf_dir, "--out=json", "-b", str(batch)]
         return self._call(cmd + [target or f"{self.prefix}*", fun, *args], check, timeout_s)
 
     def salt_run(self, fun, *args, check=False, timeout_s=600, wrapper=()):
+        """``salt-run`` (under ``wrapper``, a profiler, when given)."""
         cmd = list(wrapper) + [_script("salt-run") if wrapper else "salt-run", "-c", self.conf_dir, "--out=json"]
         return self._call(cmd + [fun, *args], check, timeout_s)
 
@@ -145,10 +148,10 @@ class Cluster:
         missing = [m for m in self.minion_ids if answered.get(m) is not True]
         raise RuntimeError(f"minions did not come up within {timeout_s} s: {', '.join(missing)}")
 
-    @staticmethod
-    def _call(cmd, check, timeout_s):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-        if check and done.returncode != 0:
+    def _call(self, cmd, check, timeout_s):
+        master = self.processes[0].pid if self.processes else None  # its own session: sid == pid
+        done = usage.run(cmd, timeout_s, master_sid=master)
+        if check and (done.returncode != 0 or done.timed_out):
             raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}{done.stdout[-2000:]}")
         return done
 
