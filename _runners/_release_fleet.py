@@ -16,6 +16,9 @@ import salt.utils.minions
 
 PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 DEFAULT_PRESENCE_TIMEOUT_S = 3
+# A minion that returned a job this recently is not probed again: the probe is one more
+# round trip, and inside one run the next call follows the last within a second or two.
+FRESH_S = 10
 NO_ANSWER = "no answer"
 PROBE_UNANSWERED = "did not answer a presence probe"
 _LOCAL = threading.local()  # this thread's LocalClients, see _client
@@ -62,20 +65,24 @@ def run_on(opts, minions, fun, arg=(), kwarg=None, timeout_s=60, presence_timeou
     Run ``fun`` on each minion at once; returns ``{minion: (ok, value)}`` with
     every minion present: one that did not answer is ``(False, message)``.
 
-    A presence probe goes first (``presence_timeout_s``; 0 or None skips it):
-    a stopped minion fails at once instead of costing the whole ``timeout_s``
-    plus Salt's job lookups, and ``fun`` runs only where a minion answered.
+    A presence probe goes first (``presence_timeout_s``; 0 or None skips it)
+    to the minions that returned nothing to this process in the last
+    ``FRESH_S``: a stopped minion fails at once instead of costing the whole
+    ``timeout_s`` plus Salt's job lookups, and ``fun`` runs only where a
+    minion answered.
     """
     minions = list(minions)
     absent = set()
-    if presence_timeout_s and minions:
-        absent = set(minions) - present(opts, minions, presence_timeout_s)
+    stale = [m for m in minions if time.monotonic() - _answered().get(m, float("-inf")) > FRESH_S]
+    if presence_timeout_s and stale:
+        absent = set(stale) - present(opts, stale, presence_timeout_s)
     here = [m for m in minions if m not in absent]
     returns = {}
     if here:
         returns = _client(opts).cmd(
             here, fun, arg=list(arg), kwarg=kwarg or {}, tgt_type="list", timeout=timeout_s, full_return=True,
         )
+        _note_answers(m for m, full in returns.items() if isinstance(full, dict) and "ret" in full)
     return {
         minion: (False, f"{minion} {PROBE_UNANSWERED} within {presence_timeout_s} s")
         if minion in absent else _outcome(returns.get(minion), timeout_s)
@@ -101,7 +108,18 @@ def present(opts, minions, timeout_s):
             answered.add(raw["data"].get("id"))
         if answered >= wanted or time.monotonic() > deadline:
             break
+    _note_answers(answered & wanted)
     return answered & wanted
+
+
+def _answered():
+    """When each minion last returned a job to this thread (monotonic seconds)."""
+    return _LOCAL.__dict__.setdefault("answered", {})
+
+
+def _note_answers(minions):
+    now = time.monotonic()
+    _answered().update(dict.fromkeys(minions, now))
 
 
 def _client(opts):
