@@ -79,7 +79,7 @@ def package(tree, manifest_doc, dest):
     manifest = json.dumps(manifest_doc, indent=2, sort_keys=True).encode()
     tmp = f"{dest}.{os.getpid()}.tmp"
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+    with tarfile.open(tmp, "w:gz", compresslevel=delta.COMPRESSLEVEL) as tar:
         for rel in entries:
             tar.add(os.path.join(tree, rel), arcname=rel, recursive=False, filter=_neutral)
         info = tarfile.TarInfo(contract.MANIFEST_NAME)

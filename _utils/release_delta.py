@@ -35,6 +35,10 @@ DELTA_MANIFEST = ".release-delta.json"
 # Staged beside <release>.tar.gz: the delta nodes fetch, and the file list the next delta reads.
 DELTA_SUFFIX = ".delta.tar.gz"
 FILES_SUFFIX = ".files.json"
+# gzip level of every artifact and delta the master writes: level 1 costs a fraction of
+# level 6's CPU on source text and, on already dense content, makes it barely bigger
+# (docs/benchmarks.md); nodes read any level.
+COMPRESSLEVEL = 1
 # A delta that is not much smaller than the full artifact saves nothing worth its cost.
 MAX_DELTA_RATIO = 0.5
 
@@ -82,7 +86,7 @@ def build(full_tarball, new, base, base_name, dest):
     if changed_bytes > MAX_DELTA_RATIO * sum(size for _, _, size in new.values()):
         return None
     tmp = f"{dest}.{os.getpid()}.tmp"
-    with tarfile.open(full_tarball, "r:*") as src, tarfile.open(tmp, "w:gz", compresslevel=6) as out:
+    with tarfile.open(full_tarball, "r:*") as src, tarfile.open(tmp, "w:gz", compresslevel=COMPRESSLEVEL) as out:
         sent = 0
         for member in src:
             if member.name not in unchanged:
