@@ -104,10 +104,12 @@ def salt_url(artifact_root, file_roots, project, name):
     )
 
 
-def stage_delta(tarball, tree, name, currents, file_roots):
+def stage_delta(tarball, tree, name, currents, url_of):
     """
     Stage ``<name>.delta.tar.gz`` beside the staged ``tarball``, against the
-    release most nodes run (``currents``: minion -> release or None). Returns
+    release most nodes run (``currents``: minion -> release or None); nodes
+    fetch it from ``url_of("<name>.delta")``, the URL scheme of the full
+    artifact's (``url_of(name)``: salt:// or the HTTP artifact base). Returns
     the install kwargs that offer it (``delta_source``, ``delta_hash``,
     ``base``) and a line saying what was done; no offer when no delta pays.
     Also leaves ``<name>.files.json`` (each file's sha256, mode, size) for the
@@ -132,7 +134,7 @@ def stage_delta(tarball, tree, name, currents, file_roots):
         return {}, f"no delta against {base}: {why}"
     os.chmod(dest, 0o640)
     offer = {
-        "delta_source": salt_url(os.path.dirname(folder), file_roots, os.path.basename(folder), f"{name}.delta"),
+        "delta_source": url_of(f"{name}.delta"),
         "delta_hash": contract.sha256_file(dest),
         "base": base,
     }

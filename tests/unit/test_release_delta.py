@@ -165,23 +165,36 @@ def test_no_delta_when_it_would_not_pay_or_the_base_is_gone(tmp_path):
     assert build(tmp_path, new_tar, str(tmp_path / "gone.tar.gz"))[1] is None
 
 
+def salt_urls(tmp_path):
+    """What the deploy passes as ``url_of``: artifacts under ``<tmp_path>/art`` served as salt://art/."""
+    return lambda name: artifact.salt_url(str(tmp_path), [str(tmp_path)], "art", name)
+
+
+def test_the_delta_is_offered_from_where_the_full_artifact_is(pair):
+    """With an HTTP artifact base, nodes fetch the delta over HTTP too, not through the master's fileserver."""
+    tmp_path, _, new_tar, _ = pair
+    offer, _ = artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": BASE},
+                                    lambda name: f"https://artifacts.example/app/{name}.tar.gz")
+    assert offer["delta_source"] == f"https://artifacts.example/app/{NEW}.delta.tar.gz"
+
+
 def test_stage_delta_offers_the_release_most_nodes_run(pair):
     tmp_path, base_tar, new_tar, _ = pair
-    roots = [str(tmp_path)]
+    urls = salt_urls(tmp_path)
     currents = {"a": BASE, "b": BASE, "c": "app_test_v0_master_2025-01-01_000000_dev", "d": None}
-    offer, said = artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, currents, roots)
+    offer, said = artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, currents, urls)
     assert offer["base"] == BASE
     assert offer["delta_source"] == f"salt://art/{NEW}.delta.tar.gz"
     assert offer["delta_hash"] == contract.sha256_file(str(tmp_path / "art" / f"{NEW}.delta.tar.gz"))
     assert "41 carried over" in said
-    assert artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": None, "b": NEW}, roots) == (
+    assert artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": None, "b": NEW}, urls) == (
         {}, "no delta: no node runs an earlier release")
 
 
 def test_the_file_list_left_beside_the_artifact_matches_the_tarball(pair):
     """The next delta reads this side file instead of decompressing the base artifact."""
     tmp_path, _, new_tar, _ = pair
-    artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {}, [str(tmp_path)])
+    artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {}, salt_urls(tmp_path))
     with open(tmp_path / "art" / f"{NEW}.files.json", encoding="utf-8") as handle:
         side = {path: tuple(row) for path, row in json.load(handle).items()}
     from_tar = delta.member_digests(new_tar)
@@ -197,9 +210,9 @@ def test_a_tree_with_hard_links_gets_no_file_list(tmp_path):
 
 def test_pruning_a_release_takes_its_side_files_and_spares_the_deltas_of_kept_ones(pair):
     tmp_path, base_tar, new_tar, _ = pair
-    roots = [str(tmp_path)]
-    artifact.stage_delta(base_tar, str(tmp_path / f"tree-{BASE}"), BASE, {}, roots)
-    artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": BASE}, roots)
+    urls = salt_urls(tmp_path)
+    artifact.stage_delta(base_tar, str(tmp_path / f"tree-{BASE}"), BASE, {}, urls)
+    artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": BASE}, urls)
     folder = str(tmp_path / "art")
     assert prune.prune_artifacts(str(tmp_path), "art", "test", {NEW}) == [BASE]
     assert sorted(os.listdir(folder)) == sorted(
