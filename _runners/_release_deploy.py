@@ -140,7 +140,7 @@ def delta(run):
     """Stage a delta against the release most nodes run, so they fetch only what changed."""
     if run.config.get("delta", True):
         run.delta_offer, said = artifact.stage_delta(
-            run.tarball, run.tree, run.name, run.previous, lambda name: switch.source_url(run, name))
+            run.tarball, run.tree, run.manifest, run.previous, lambda name: switch.source_url(run, name))
         runs.say(run, said)
 
 

@@ -35,6 +35,7 @@ class Cluster:
         self.conf_dir = os.path.join(root, "master", "conf")
         self.file_root = os.path.join(root, "file_root")
         self.processes = []
+        self.servers = []
 
     # ------------------------------------------------------------ life cycle
 
@@ -148,9 +149,18 @@ class Cluster:
         missing = [m for m in self.minion_ids if answered.get(m) is not True]
         raise RuntimeError(f"minions did not come up within {timeout_s} s: {', '.join(missing)}")
 
+    def serve_http(self, folder, port):
+        """Serve ``folder`` over HTTP on 127.0.0.1:``port`` (a threaded ``http.server``, counted as the master's)."""
+        self.processes.append(subprocess.Popen(
+            ["python3", "-m", "http.server", "--bind", "127.0.0.1", "--directory", folder, str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ))
+        self.servers.append(self.processes[-1])
+
     def _call(self, cmd, check, timeout_s):
-        master = self.processes[0].pid if self.processes else None  # its own session: sid == pid
-        done = usage.run(cmd, timeout_s, master_sid=master)
+        # The master and the HTTP server each run in their own session: sid == pid.
+        daemons = [p.pid for p in self.processes[:1] + self.servers]
+        done = usage.run(cmd, timeout_s, daemons=daemons)
         if check and (done.returncode != 0 or done.timed_out):
             raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}{done.stdout[-2000:]}")
         return done

@@ -3,8 +3,9 @@ What one benchmarked command costs the master: CPU seconds and peak memory.
 
 "The master" is the command the operator runs (``salt-run``, or ``salt -b``
 for the baseline) with every process it starts, plus the ``salt-master``
-daemons. Each is started in its own session, so a process belongs to one by
-its session id (``/proc/<pid>/stat`` field 6).
+daemons (and the artifact HTTP server when the bench runs one). Each is
+started in its own session, so a process belongs to one by its session id
+(``/proc/<pid>/stat`` field 6).
 
 - CPU seconds: the command's own rusage from ``wait4`` (it and every child it
   waited for) plus the growth of the daemons' utime+stime+cutime+cstime.
@@ -30,12 +31,16 @@ class Done:
         self.timed_out, self.cpu_s, self.peak_mb = timed_out, cpu_s, peak_mb
 
 
-def run(cmd, timeout_s, master_sid=None):
-    """Run ``cmd`` in a new session; on timeout its whole session is killed and ``timed_out`` set."""
-    daemon_cpu = _session_cpu(master_sid) if master_sid else 0.0
+def run(cmd, timeout_s, daemons=()):
+    """
+    Run ``cmd`` in a new session; on timeout its whole session is killed and
+    ``timed_out`` set. ``daemons``: the session ids of the master's daemons.
+    """
+    daemons = set(daemons)
+    daemon_cpu = _session_cpu(daemons)
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
-    sampler = _Sampler({process.pid} | ({master_sid} if master_sid else set()))
+    sampler = _Sampler({process.pid} | daemons)
     sampler.start()
     timed_out = False
     try:
@@ -47,8 +52,7 @@ def run(cmd, timeout_s, master_sid=None):
     # communicate() reaped it; its rusage is in our children's totals.
     sampler.stop()
     own = _children_cpu() - sampler.children_cpu_before
-    daemons = (_session_cpu(master_sid) - daemon_cpu) if master_sid else 0.0
-    return Done(cmd, process.returncode, stdout, stderr, timed_out, round(own + daemons, 2),
+    return Done(cmd, process.returncode, stdout, stderr, timed_out, round(own + _session_cpu(daemons) - daemon_cpu, 2),
                 round(sampler.peak_kb / 1024, 1))
 
 
@@ -95,9 +99,9 @@ def _pids_of(sessions):
     return found
 
 
-def _session_cpu(sid):
+def _session_cpu(sessions):
     total = 0
-    for pid in _pids_of({sid}):
+    for pid in _pids_of(sessions) if sessions else ():
         fields = _stat_fields(pid)
         if fields:
             total += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
