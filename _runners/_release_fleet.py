@@ -92,10 +92,13 @@ def run_on(opts, minions, fun, arg=(), kwarg=None, timeout_s=60, presence_timeou
 
 def present(opts, minions, timeout_s):
     """
-    The minions that answer ``test.ping`` within ``timeout_s``: one publish
-    and the returns read off the bus until all answered or time is up (no
-    ``saltutil.find_job`` round after it, which is what makes a stopped minion
-    cost a full gather_job_timeout more in ``LocalClient.cmd``).
+    The minions that answer ``test.ping`` before ``timeout_s`` pass with no
+    answer: one publish and the returns read off the bus until all answered
+    or the bus stayed silent that long (no ``saltutil.find_job`` round after
+    it, which is what makes a stopped minion cost a full gather_job_timeout
+    more in ``LocalClient.cmd``). Silence, not a fixed deadline: where many
+    minions share few cores their answers trickle in for longer than any one
+    minion takes, and none of them is gone.
     """
     wanted, answered = set(minions), set()
     deadline = time.monotonic() + float(timeout_s)
@@ -106,6 +109,7 @@ def present(opts, minions, timeout_s):
     for raw in client.get_returns_no_block(f"salt/job/{pub['jid']}/ret/", "startswith"):
         if raw and raw.get("data", {}).get("return") is True:
             answered.add(raw["data"].get("id"))
+            deadline = time.monotonic() + float(timeout_s)
         if answered >= wanted or time.monotonic() > deadline:
             break
     _note_answers(answered & wanted)

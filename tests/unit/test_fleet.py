@@ -138,3 +138,31 @@ def test_a_minion_is_probed_again_once_its_answer_is_old(monkeypatch):
     monkeypatch.setattr(fleet.time, "monotonic", lambda: clock)
     fleet.run_on({}, ["web1"], "release.current", presence_timeout_s=2)
     assert probed == [["web1"], ["web1"]]
+
+
+class SlowBus:
+    """A LocalClient whose ping answers come one every ``gap`` (fake) seconds, then silence."""
+
+    def __init__(self, clock, answers, gap):
+        self.clock, self.answers, self.gap = clock, answers, gap
+
+    def run_job(self, *args, **kwargs):
+        return {"jid": "1"}
+
+    def get_returns_no_block(self, tag, match_type=None):
+        for minion in self.answers:
+            self.clock[0] += self.gap
+            yield {"data": {"id": minion, "return": True}}
+        while True:
+            self.clock[0] += 0.5
+            yield None
+
+
+def test_the_probe_waits_while_answers_keep_coming_and_gives_up_after_silence(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(fleet.time, "monotonic", lambda: clock[0])
+    minions = [f"web{i}" for i in range(30)]
+    # 29 answers, 0.5 s apart: 14.5 s in all, far past the 3 s window, but never 3 s of silence.
+    monkeypatch.setattr(fleet, "_client", lambda opts: SlowBus(clock, minions[:29], 0.5))
+    assert fleet.present({}, minions, 3) == set(minions[:29])
+    assert 14.5 + 3 <= clock[0] <= 14.5 + 3.5  # the one that is gone cost 3 s of silence
