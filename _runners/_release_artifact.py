@@ -76,17 +76,44 @@ def package(tree, manifest_doc, dest):
         manifest_doc,
         file_count=sum(1 for rel in entries if not _is_real_dir(os.path.join(tree, rel))),
     )
-    manifest = json.dumps(manifest_doc, indent=2, sort_keys=True).encode()
+    _write_tar(tree, entries, [_manifest_member(manifest_doc)], dest)
+    return contract.sha256_file(dest), manifest_doc
+
+
+def write_delta(tree, manifest_doc, new, base, base_name, dest):
+    """
+    Write to ``dest`` the delta of the release packaged from ``tree`` (its
+    manifest ``manifest_doc``, its file list ``new``) against release
+    ``base_name`` (file list ``base``): straight from the tree, so the full
+    artifact is never read back. Returns ``{"unchanged": n, "sent": n}``, or
+    None when a delta would not pay.
+    """
+    unchanged = delta.unchanged_files(new, base)
+    if unchanged is None:
+        return None
+    entries = [rel for rel in _entries_in(tree) if rel not in unchanged]
+    _write_tar(tree, entries, [_manifest_member(manifest_doc), delta.manifest_member(base_name, unchanged)], dest)
+    return {"unchanged": len(unchanged), "sent": len(entries) + 1}
+
+
+def _write_tar(tree, entries, extra, dest):
+    """``entries`` of ``tree`` with neutral owners, then each ``(TarInfo, bytes)`` of ``extra``; atomic."""
     tmp = f"{dest}.{os.getpid()}.tmp"
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
+    with tarfile.open(tmp, "w:gz", compresslevel=delta.COMPRESSLEVEL) as tar:
         for rel in entries:
             tar.add(os.path.join(tree, rel), arcname=rel, recursive=False, filter=_neutral)
-        info = tarfile.TarInfo(contract.MANIFEST_NAME)
-        info.size, info.mode, info.mtime = len(manifest), 0o644, int(time.time())
-        tar.addfile(info, io.BytesIO(manifest))
+        for info, data in extra:
+            tar.addfile(info, io.BytesIO(data))
     os.replace(tmp, dest)
-    return contract.sha256_file(dest), manifest_doc
+
+
+def _manifest_member(doc):
+    """RELEASE.json: the same bytes in the artifact and in its delta."""
+    data = json.dumps(doc, indent=2, sort_keys=True).encode()
+    info = tarfile.TarInfo(contract.MANIFEST_NAME)
+    info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+    return info, data
 
 
 def salt_url(artifact_root, file_roots, project, name):
@@ -104,16 +131,19 @@ def salt_url(artifact_root, file_roots, project, name):
     )
 
 
-def stage_delta(tarball, tree, name, currents, file_roots):
+def stage_delta(tarball, tree, manifest_doc, currents, url_of):
     """
-    Stage ``<name>.delta.tar.gz`` beside the staged ``tarball``, against the
-    release most nodes run (``currents``: minion -> release or None). Returns
+    Stage ``<name>.delta.tar.gz`` of the release packaged from ``tree`` (its
+    manifest ``manifest_doc``) beside its staged ``tarball``, against the
+    release most nodes run (``currents``: minion -> release or None); nodes
+    fetch it from ``url_of("<name>.delta")``, the URL scheme of the full
+    artifact's (``url_of(name)``: salt:// or the HTTP artifact base). Returns
     the install kwargs that offer it (``delta_source``, ``delta_hash``,
     ``base``) and a line saying what was done; no offer when no delta pays.
     Also leaves ``<name>.files.json`` (each file's sha256, mode, size) for the
     next release's delta, so no artifact has to be read back.
     """
-    folder = os.path.dirname(tarball)
+    name, folder = manifest_doc["name"], os.path.dirname(tarball)
     dest, files = delta.side_files(folder, name)
     new = file_list(tree)
     if new is not None:
@@ -123,16 +153,16 @@ def stage_delta(tarball, tree, name, currents, file_roots):
         return {}, "no delta: no node runs an earlier release"
     base = running.most_common(1)[0][0]
     try:
-        built = delta.build(tarball, new, _base_files(folder, base), base, dest)
+        built = write_delta(tree, manifest_doc, new, _base_files(folder, base), base, dest)
     except (OSError, EOFError, ValueError, tarfile.TarError) as exc:  # a damaged base: send the full artifact
-        built, why = None, f"{base}'s artifact is unreadable ({exc})"
+        built, why = None, f"could not build it ({exc})"
     else:
         why = "its artifact is gone, or the delta would not pay"
     if built is None:
         return {}, f"no delta against {base}: {why}"
     os.chmod(dest, 0o640)
     offer = {
-        "delta_source": salt_url(os.path.dirname(folder), file_roots, os.path.basename(folder), f"{name}.delta"),
+        "delta_source": url_of(f"{name}.delta"),
         "delta_hash": contract.sha256_file(dest),
         "base": base,
     }

@@ -152,8 +152,8 @@ def plan(run):
 def delta(run):
     """Stage a delta against the release most nodes run, so they fetch only what changed."""
     if run.config.get("delta", True):
-        roots = run.opts["file_roots"].get("base", [])
-        run.delta_offer, said = artifact.stage_delta(run.tarball, run.tree, run.name, run.previous, roots)
+        run.delta_offer, said = artifact.stage_delta(
+            run.tarball, run.tree, run.manifest, run.previous, lambda name: switch.source_url(run, name))
         runs.say(run, said)
 
 

@@ -8,6 +8,7 @@ batches for certain, and Salt's batch failhard has a history of not doing so.
 
 import math
 import re
+import threading
 import time
 
 import salt.client
@@ -15,8 +16,12 @@ import salt.utils.minions
 
 PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
 DEFAULT_PRESENCE_TIMEOUT_S = 3
+# A minion that returned a job this recently is not probed again: the probe is one more
+# round trip, and inside one run the next call follows the last within a second or two.
+FRESH_S = 10
 NO_ANSWER = "no answer"
 PROBE_UNANSWERED = "did not answer a presence probe"
+_LOCAL = threading.local()  # this thread's LocalClients, see _client
 
 
 class FleetError(Exception):
@@ -60,22 +65,24 @@ def run_on(opts, minions, fun, arg=(), kwarg=None, timeout_s=60, presence_timeou
     Run ``fun`` on each minion at once; returns ``{minion: (ok, value)}`` with
     every minion present: one that did not answer is ``(False, message)``.
 
-    A presence probe goes first (``presence_timeout_s``; 0 or None skips it):
-    a stopped minion fails at once instead of costing the whole ``timeout_s``
-    plus Salt's job lookups, and ``fun`` runs only where a minion answered.
+    A presence probe goes first (``presence_timeout_s``; 0 or None skips it)
+    to the minions that returned nothing to this process in the last
+    ``FRESH_S``: a stopped minion fails at once instead of costing the whole
+    ``timeout_s`` plus Salt's job lookups, and ``fun`` runs only where a
+    minion answered.
     """
     minions = list(minions)
     absent = set()
-    if presence_timeout_s and minions:
-        absent = set(minions) - present(opts, minions, presence_timeout_s)
+    stale = [m for m in minions if time.monotonic() - _answered().get(m, float("-inf")) > FRESH_S]
+    if presence_timeout_s and stale:
+        absent = set(stale) - present(opts, stale, presence_timeout_s)
     here = [m for m in minions if m not in absent]
     returns = {}
     if here:
-        with salt.client.LocalClient(mopts=opts) as client:
-            returns = client.cmd(
-                here, fun, arg=list(arg), kwarg=kwarg or {}, tgt_type="list",
-                timeout=timeout_s, full_return=True,
-            )
+        returns = _client(opts).cmd(
+            here, fun, arg=list(arg), kwarg=kwarg or {}, tgt_type="list", timeout=timeout_s, full_return=True,
+        )
+        _note_answers(m for m, full in returns.items() if isinstance(full, dict) and "ret" in full)
     return {
         minion: (False, f"{minion} {PROBE_UNANSWERED} within {presence_timeout_s} s")
         if minion in absent else _outcome(returns.get(minion), timeout_s)
@@ -85,23 +92,52 @@ def run_on(opts, minions, fun, arg=(), kwarg=None, timeout_s=60, presence_timeou
 
 def present(opts, minions, timeout_s):
     """
-    The minions that answer ``test.ping`` within ``timeout_s``: one publish
-    and the returns read off the bus until all answered or time is up (no
-    ``saltutil.find_job`` round after it, which is what makes a stopped minion
-    cost a full gather_job_timeout more in ``LocalClient.cmd``).
+    The minions that answer ``test.ping`` before ``timeout_s`` pass with no
+    answer: one publish and the returns read off the bus until all answered
+    or the bus stayed silent that long (no ``saltutil.find_job`` round after
+    it, which is what makes a stopped minion cost a full gather_job_timeout
+    more in ``LocalClient.cmd``). Silence, not a fixed deadline: where many
+    minions share few cores their answers trickle in for longer than any one
+    minion takes, and none of them is gone.
     """
     wanted, answered = set(minions), set()
     deadline = time.monotonic() + float(timeout_s)
-    with salt.client.LocalClient(mopts=opts) as client:
-        pub = client.run_job(list(wanted), "test.ping", tgt_type="list", timeout=timeout_s, listen=True)
-        if not pub:
-            return answered
-        for raw in client.get_returns_no_block(f"salt/job/{pub['jid']}/ret/", "startswith"):
-            if raw and raw.get("data", {}).get("return") is True:
-                answered.add(raw["data"].get("id"))
-            if answered >= wanted or time.monotonic() > deadline:
-                break
+    client = _client(opts)
+    pub = client.run_job(list(wanted), "test.ping", tgt_type="list", timeout=timeout_s, listen=True)
+    if not pub:
+        return answered
+    for raw in client.get_returns_no_block(f"salt/job/{pub['jid']}/ret/", "startswith"):
+        if raw and raw.get("data", {}).get("return") is True:
+            answered.add(raw["data"].get("id"))
+            deadline = time.monotonic() + float(timeout_s)
+        if answered >= wanted or time.monotonic() > deadline:
+            break
+    _note_answers(answered & wanted)
     return answered & wanted
+
+
+def _answered():
+    """When each minion last returned a job to this thread (monotonic seconds)."""
+    return _LOCAL.__dict__.setdefault("answered", {})
+
+
+def _note_answers(minions):
+    now = time.monotonic()
+    _answered().update(dict.fromkeys(minions, now))
+
+
+def _client(opts):
+    """
+    One LocalClient per master config and thread, kept for the process's
+    life: making one loads Salt's modules (about 0.2 s), and a deploy makes
+    two fleet calls per step and per batch. Its event bus connection only
+    ever sees returns by jid, so jobs of earlier calls do not mix in.
+    """
+    cache = _LOCAL.__dict__.setdefault("clients", {})
+    key = (id(opts), salt.client.LocalClient)
+    if key not in cache:
+        cache[key] = (opts, salt.client.LocalClient(mopts=opts))  # opts kept: its id stays unique
+    return cache[key][1]
 
 
 def unreachable(error):

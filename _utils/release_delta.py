@@ -2,9 +2,9 @@
 Delta artifacts: a redeploy after a small change sends only what changed.
 
 The runner writes, beside a release's full tarball, a delta tarball against
-a base release (the one most nodes run). The delta holds every member of the
-full tarball except the regular files that are byte- and mode-identical in
-the base, plus ``DELTA_MANIFEST`` naming the base and listing each left-out
+a base release (the one most nodes run), from the same exported tree. The
+delta holds every member of the full tarball except the regular files that
+are byte- and mode-identical in the base, plus ``DELTA_MANIFEST`` naming the base and listing each left-out
 ("unchanged") path with its sha256 and tar mode.
 
 A node that has ``releases/<base>`` intact unpacks the delta (with the one
@@ -18,7 +18,6 @@ Both sides import this file, so it stays standard library only.
 """
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -35,6 +34,10 @@ DELTA_MANIFEST = ".release-delta.json"
 # Staged beside <release>.tar.gz: the delta nodes fetch, and the file list the next delta reads.
 DELTA_SUFFIX = ".delta.tar.gz"
 FILES_SUFFIX = ".files.json"
+# gzip level of every artifact and delta the master writes: level 1 costs a fraction of
+# level 6's CPU on source text and, on already dense content, makes it barely bigger
+# (docs/benchmarks.md); nodes read any level.
+COMPRESSLEVEL = 1
 # A delta that is not much smaller than the full artifact saves nothing worth its cost.
 MAX_DELTA_RATIO = 0.5
 
@@ -63,13 +66,12 @@ def member_digests(tarball):
     return found
 
 
-def build(full_tarball, new, base, base_name, dest):
+def unchanged_files(new, base):
     """
-    Write the delta of ``full_tarball`` against release ``base_name`` to
-    ``dest``; ``new`` and ``base`` are the two releases' ``{path: (sha256,
-    mode, size)}`` (the release manifest always differs, so it is always
-    sent). Returns ``{"unchanged": n, "sent": n}``, or None when a delta would
-    not pay (no file list, or more than MAX_DELTA_RATIO of the bytes changed).
+    ``{path: {"sha256", "mode"}}`` of the files of release ``new`` that are
+    byte- and mode-identical in ``base`` (both ``{path: (sha256, mode,
+    size)}``): what a delta leaves out. None when a delta would not pay (no
+    file list, or more than MAX_DELTA_RATIO of the bytes changed).
     """
     if base is None or new is None:
         return None
@@ -81,19 +83,15 @@ def build(full_tarball, new, base, base_name, dest):
     changed_bytes = sum(size for path, (_, _, size) in new.items() if path not in unchanged)
     if changed_bytes > MAX_DELTA_RATIO * sum(size for _, _, size in new.values()):
         return None
-    tmp = f"{dest}.{os.getpid()}.tmp"
-    with tarfile.open(full_tarball, "r:*") as src, tarfile.open(tmp, "w:gz", compresslevel=6) as out:
-        sent = 0
-        for member in src:
-            if member.name not in unchanged:
-                out.addfile(member, src.extractfile(member) if member.isreg() else None)
-                sent += 1
-        doc = json.dumps({"base": base_name, "unchanged": unchanged}, sort_keys=True).encode()
-        info = tarfile.TarInfo(DELTA_MANIFEST)
-        info.size, info.mode = len(doc), 0o644
-        out.addfile(info, io.BytesIO(doc))
-    os.replace(tmp, dest)
-    return {"unchanged": len(unchanged), "sent": sent}
+    return unchanged
+
+
+def manifest_member(base_name, unchanged):
+    """The delta's own manifest, ``(TarInfo, bytes)``: its base and each left-out path."""
+    doc = json.dumps({"base": base_name, "unchanged": unchanged}, sort_keys=True).encode()
+    info = tarfile.TarInfo(DELTA_MANIFEST)
+    info.size, info.mode = len(doc), 0o644
+    return info, doc
 
 
 def apply(delta_tarball, base_name, base_dir, dest, skip=()):

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 
+import usage
 import yaml
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +35,7 @@ class Cluster:
         self.conf_dir = os.path.join(root, "master", "conf")
         self.file_root = os.path.join(root, "file_root")
         self.processes = []
+        self.servers = []
 
     # ------------------------------------------------------------ life cycle
 
@@ -73,12 +75,14 @@ class Cluster:
     # ------------------------------------------------------------ commands
 
     def salt(self, fun, *args, target=None, batch=None, check=False, timeout_s=600):
+        """``salt``; its ``Done`` has ``timed_out`` set when ``timeout_s`` ran out (the command is killed)."""
         cmd = ["salt", "-c", self.conf_dir, "--out=json", "--static", "-t", "120"]
         if batch:
             cmd = ["salt", "-c", self.conf_dir, "--out=json", "-b", str(batch)]
         return self._call(cmd + [target or f"{self.prefix}*", fun, *args], check, timeout_s)
 
     def salt_run(self, fun, *args, check=False, timeout_s=600, wrapper=()):
+        """``salt-run`` (under ``wrapper``, a profiler, when given)."""
         cmd = list(wrapper) + [_script("salt-run") if wrapper else "salt-run", "-c", self.conf_dir, "--out=json"]
         return self._call(cmd + [fun, *args], check, timeout_s)
 
@@ -145,10 +149,19 @@ class Cluster:
         missing = [m for m in self.minion_ids if answered.get(m) is not True]
         raise RuntimeError(f"minions did not come up within {timeout_s} s: {', '.join(missing)}")
 
-    @staticmethod
-    def _call(cmd, check, timeout_s):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-        if check and done.returncode != 0:
+    def serve_http(self, folder, port):
+        """Serve ``folder`` over HTTP on 127.0.0.1:``port`` (a threaded ``http.server``, counted as the master's)."""
+        self.processes.append(subprocess.Popen(
+            ["python3", "-m", "http.server", "--bind", "127.0.0.1", "--directory", folder, str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ))
+        self.servers.append(self.processes[-1])
+
+    def _call(self, cmd, check, timeout_s):
+        # The master and the HTTP server each run in their own session: sid == pid.
+        daemons = [p.pid for p in self.processes[:1] + self.servers]
+        done = usage.run(cmd, timeout_s, daemons=daemons)
+        if check and (done.returncode != 0 or done.timed_out):
             raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr[-2000:]}{done.stdout[-2000:]}")
         return done
 

@@ -1,5 +1,8 @@
 """Batch sizes follow Salt's batch semantics."""
 
+import threading
+import time
+
 import pytest
 
 import _release_fleet as fleet
@@ -56,6 +59,12 @@ def test_outcome_of_a_minion_return(full, expected):
 # ---------------------------------------------------------------- presence probe
 
 
+@pytest.fixture(autouse=True)
+def no_answers_yet(monkeypatch):
+    """Each test starts with no minion having answered (the record is per thread, kept for the process)."""
+    monkeypatch.setattr(fleet, "_LOCAL", threading.local())
+
+
 class FakeClient:
     """Stands in for salt.client.LocalClient: records the targets of ``cmd``."""
 
@@ -105,3 +114,55 @@ def test_run_on_without_a_probe_calls_every_minion(monkeypatch):
 )
 def test_unreachable(error, unreachable):
     assert fleet.unreachable(error) is unreachable
+
+
+def test_a_minion_that_just_answered_is_not_probed_again(monkeypatch):
+    FakeClient.calls = []
+    probed = []
+    monkeypatch.setattr(fleet.salt.client, "LocalClient", FakeClient)
+    monkeypatch.setattr(fleet, "present", lambda opts, minions, timeout_s: probed.append(list(minions)) or {"web1"})
+    first = fleet.run_on({}, ["web1", "web2"], "release.current", presence_timeout_s=2)
+    assert first["web2"] == (False, "web2 did not answer a presence probe within 2 s")
+    fleet.run_on({}, ["web1", "web2"], "release.install", presence_timeout_s=2)
+    # web1 returned a job a moment ago; web2 never did and is probed again.
+    assert probed == [["web1", "web2"], ["web2"]]
+    assert FakeClient.calls == [(["web1"], "release.current"), (["web1"], "release.install")]
+
+
+def test_a_minion_is_probed_again_once_its_answer_is_old(monkeypatch):
+    probed = []
+    monkeypatch.setattr(fleet.salt.client, "LocalClient", FakeClient)
+    monkeypatch.setattr(fleet, "present", lambda opts, minions, timeout_s: probed.append(list(minions)) or set(minions))
+    fleet.run_on({}, ["web1"], "release.current", presence_timeout_s=2)
+    clock = time.monotonic() + fleet.FRESH_S + 1
+    monkeypatch.setattr(fleet.time, "monotonic", lambda: clock)
+    fleet.run_on({}, ["web1"], "release.current", presence_timeout_s=2)
+    assert probed == [["web1"], ["web1"]]
+
+
+class SlowBus:
+    """A LocalClient whose ping answers come one every ``gap`` (fake) seconds, then silence."""
+
+    def __init__(self, clock, answers, gap):
+        self.clock, self.answers, self.gap = clock, answers, gap
+
+    def run_job(self, *args, **kwargs):
+        return {"jid": "1"}
+
+    def get_returns_no_block(self, tag, match_type=None):
+        for minion in self.answers:
+            self.clock[0] += self.gap
+            yield {"data": {"id": minion, "return": True}}
+        while True:
+            self.clock[0] += 0.5
+            yield None
+
+
+def test_the_probe_waits_while_answers_keep_coming_and_gives_up_after_silence(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(fleet.time, "monotonic", lambda: clock[0])
+    minions = [f"web{i}" for i in range(30)]
+    # 29 answers, 0.5 s apart: 14.5 s in all, far past the 3 s window, but never 3 s of silence.
+    monkeypatch.setattr(fleet, "_client", lambda opts: SlowBus(clock, minions[:29], 0.5))
+    assert fleet.present({}, minions, 3) == set(minions[:29])
+    assert 14.5 + 3 <= clock[0] <= 14.5 + 3.5  # the one that is gone cost 3 s of silence

@@ -40,11 +40,15 @@ def app_files(count=40, changed=()):
     return files
 
 
+MANIFESTS = {}  # release -> the manifest its artifact holds
+
+
 def artifact_of(tmp_path, name, files):
+    """Package ``files`` as release ``name``; its tree stays at ``tree-<name>`` (a delta is made from it)."""
     tree = tmp_path / f"tree-{name}"
     write_tree(str(tree), files)
     dest = str(tmp_path / "art" / f"{name}.tar.gz")
-    artifact.package(str(tree), {"name": name}, dest)
+    MANIFESTS[name] = artifact.package(str(tree), {"name": name}, dest)[1]
     return dest
 
 
@@ -67,7 +71,8 @@ def pair(tmp_path):
 def build(tmp_path, new_tar, base_tar):
     dest = str(tmp_path / "art" / f"{NEW}.delta.tar.gz")
     base = delta.member_digests(base_tar) if os.path.exists(base_tar) else None
-    return dest, delta.build(new_tar, delta.member_digests(new_tar), base, BASE, dest)
+    tree = str(tmp_path / f"tree-{NEW}")
+    return dest, artifact.write_delta(tree, MANIFESTS[NEW], artifact.file_list(tree), base, BASE, dest)
 
 
 def test_delta_holds_only_what_changed(pair):
@@ -165,23 +170,51 @@ def test_no_delta_when_it_would_not_pay_or_the_base_is_gone(tmp_path):
     assert build(tmp_path, new_tar, str(tmp_path / "gone.tar.gz"))[1] is None
 
 
+def salt_urls(tmp_path):
+    """What the deploy passes as ``url_of``: artifacts under ``<tmp_path>/art`` served as salt://art/."""
+    return lambda name: artifact.salt_url(str(tmp_path), [str(tmp_path)], "art", name)
+
+
+def test_the_delta_is_offered_from_where_the_full_artifact_is(pair):
+    """With an HTTP artifact base, nodes fetch the delta over HTTP too, not through the master's fileserver."""
+    tmp_path, _, new_tar, _ = pair
+    offer, _ = artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), MANIFESTS[NEW], {"a": BASE},
+                                    lambda name: f"https://artifacts.example/app/{name}.tar.gz")
+    assert offer["delta_source"] == f"https://artifacts.example/app/{NEW}.delta.tar.gz"
+
+
 def test_stage_delta_offers_the_release_most_nodes_run(pair):
     tmp_path, base_tar, new_tar, _ = pair
-    roots = [str(tmp_path)]
+    urls = salt_urls(tmp_path)
     currents = {"a": BASE, "b": BASE, "c": "app_test_v0_master_2025-01-01_000000_dev", "d": None}
-    offer, said = artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, currents, roots)
+    offer, said = artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), MANIFESTS[NEW], currents, urls)
     assert offer["base"] == BASE
     assert offer["delta_source"] == f"salt://art/{NEW}.delta.tar.gz"
     assert offer["delta_hash"] == contract.sha256_file(str(tmp_path / "art" / f"{NEW}.delta.tar.gz"))
     assert "41 carried over" in said
-    assert artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": None, "b": NEW}, roots) == (
+    nobody_older = {"a": None, "b": NEW}
+    assert artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), MANIFESTS[NEW], nobody_older, urls) == (
         {}, "no delta: no node runs an earlier release")
+
+
+def test_the_delta_is_written_from_the_tree_without_reading_the_full_artifact_back(pair):
+    tmp_path, base_tar, new_tar, base_dir = pair
+    with open(new_tar, "r+b") as handle:  # what a deploy would pay to decompress: make it unreadable
+        handle.truncate(10)
+    dest, built = build(tmp_path, new_tar, base_tar)
+    assert built == {"unchanged": 41, "sent": 5}  # 3 folders, the changed file, RELEASE.json
+    rebuilt = str(tmp_path / "rebuilt")
+    delta.apply(dest, BASE, base_dir, rebuilt)
+    with tarfile.open(dest) as tar:
+        assert json.load(tar.extractfile("RELEASE.json")) == MANIFESTS[NEW]
+    with open(os.path.join(rebuilt, "public/f007.txt"), "rb") as handle:
+        assert handle.read() == b"changed\n"
 
 
 def test_the_file_list_left_beside_the_artifact_matches_the_tarball(pair):
     """The next delta reads this side file instead of decompressing the base artifact."""
     tmp_path, _, new_tar, _ = pair
-    artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {}, [str(tmp_path)])
+    artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), MANIFESTS[NEW], {}, salt_urls(tmp_path))
     with open(tmp_path / "art" / f"{NEW}.files.json", encoding="utf-8") as handle:
         side = {path: tuple(row) for path, row in json.load(handle).items()}
     from_tar = delta.member_digests(new_tar)
@@ -197,9 +230,9 @@ def test_a_tree_with_hard_links_gets_no_file_list(tmp_path):
 
 def test_pruning_a_release_takes_its_side_files_and_spares_the_deltas_of_kept_ones(pair):
     tmp_path, base_tar, new_tar, _ = pair
-    roots = [str(tmp_path)]
-    artifact.stage_delta(base_tar, str(tmp_path / f"tree-{BASE}"), BASE, {}, roots)
-    artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), NEW, {"a": BASE}, roots)
+    urls = salt_urls(tmp_path)
+    artifact.stage_delta(base_tar, str(tmp_path / f"tree-{BASE}"), MANIFESTS[BASE], {}, urls)
+    artifact.stage_delta(new_tar, str(tmp_path / f"tree-{NEW}"), MANIFESTS[NEW], {"a": BASE}, urls)
     folder = str(tmp_path / "art")
     assert prune.prune_artifacts(str(tmp_path), "art", "test", {NEW}) == [BASE]
     assert sorted(os.listdir(folder)) == sorted(

@@ -89,3 +89,27 @@ def test_a_first_deploy_that_fails_says_rolling_back_once(monkeypatch):
     assert outcome.stopped
     assert [m for m in said if m.startswith("rolling back")] == ["rolling back 1 node(s): a"], said
     assert [r[:3] for r in reports if r[1] == "rollback"] == [("a", "rollback", False)]
+
+
+def test_healthy_nodes_are_confirmed_once_for_the_whole_rollout(monkeypatch):
+    fake = FakeFleet()
+    roll, _ = engine(fake, monkeypatch)
+    roll.forward([rollout.Wave("all", ["a", "b", "c", "d"], batch=2)], {m: "new" for m in ("a", "b", "c", "d")})
+    node_calls = [(fun, minions) for fun, minions in fake.calls if fun.startswith("release.")]
+    assert node_calls == [("release.activate", ["a", "b"]), ("release.activate", ["c", "d"]),
+                          ("release.confirm", ["a", "b", "c", "d"])]
+
+
+def test_what_passed_its_check_is_confirmed_before_a_rollback_takes_it_back(monkeypatch):
+    fake = FakeFleet()
+    roll, _ = engine(fake, monkeypatch, auto_rollback=True)
+
+    def verify(minions, targets):  # c fails its check on the new release only
+        sick = [m for m in minions if m == "c" and targets[m] != "old"]
+        return [m for m in minions if m not in sick], sick
+
+    monkeypatch.setattr(roll, "_verify", verify)
+    roll.forward([rollout.Wave("all", ["a", "b", "c"], batch=1)], {m: "new" for m in ("a", "b", "c")})
+    node_calls = [(fun, minions) for fun, minions in fake.calls if fun.startswith("release.")]
+    first_rollback = node_calls.index(("release.activate", ["c"]), node_calls.index(("release.activate", ["c"])) + 1)
+    assert ("release.confirm", ["a", "b"]) in node_calls[:first_rollback], node_calls
