@@ -120,6 +120,7 @@ def _make_ready(partial, paths, settings, name, source_hash):
     release's meta folder (``meta/<name>.partial`` until the install ends).
     """
     manifest = node.read_manifest(partial, name)
+    node.check_webroot(partial, settings, name)
     meta_dir = meta.begin(paths["root"], name)
     meta.take_manifest(partial, meta_dir)
     node.link_shared(partial, paths, settings)
@@ -382,8 +383,10 @@ def prune(project, keep=None, test=False):
 def list_(project):
     """
     The releases on this node, oldest to newest, which one is current, the
-    one before it, those marked bad and the default rollback target (the
-    newest confirmed healthy one, see ``release.confirm``).
+    one before it, those marked bad, the default rollback target (the
+    newest confirmed healthy one, see ``release.confirm``) and ``served``,
+    the folder the web server should serve (``current``, or its pillar
+    ``webroot`` subfolder).
 
     CLI Example:
 
@@ -391,12 +394,15 @@ def list_(project):
 
         salt-call --local release.list rainbow
     """
-    paths = node.paths(_settings(project))
+    settings = _settings(project)
+    paths = node.paths(settings)
     releases, current = node.release_names(paths), node.current_name(paths)
     cached = _read_cache(project)
     bad = [b for b in cached.get("bad", []) if b in releases]
-    return contract.list_return(releases, current, cached.get("previous"), bad,
-                                retention.rollback_target(releases, current, cached.get("good"), bad))
+    found = contract.list_return(releases, current, cached.get("previous"), bad,
+                                 retention.rollback_target(releases, current, cached.get("good"), bad))
+    found["served"] = node.served_path(settings)
+    return found
 
 
 def current(project):

@@ -227,12 +227,19 @@ def reporter(run):
             node.update(result=False, rolled_back=True)
             node["error"] = node.get("error") or "rolled back: the rollout stopped"
         if not ok:
-            node.update(result=False, error=error)
+            node.update(result=False, error=first_cause(node.get("error"), error))
         run.records.node_phase(run.record_id, minion, phase, store.now(), duration_s, ok, error)
         if phase in CONDUCTOR_PHASES or not ok and fleet.unreachable(error):
             fire(run, (minion, phase), contract.phase_event(release, ok, duration_s or 0, error))
 
     return report
+
+
+def first_cause(earlier, error):
+    """A node's error: the first failure of the run leads, what followed (a failed rollback) comes after it."""
+    if not earlier or str(error).startswith(str(earlier)):
+        return error
+    return f"{earlier}; then {error}"
 
 
 def note_outcomes(run, phase, outcomes):

@@ -86,7 +86,7 @@ def project_view(opts, pillar, project):
 
 
 def settings(opts, pillar, project):
-    """The node's settings of a project: deploy_to, user, shared, keep_releases, stack."""
+    """The node's settings of a project: deploy_to, user, shared, keep_releases, stack, webroot."""
     view = project_view(opts, pillar, project)
     deploy_to = view.get("deploy_to")
     if not deploy_to:
@@ -97,9 +97,13 @@ def settings(opts, pillar, project):
     shared = view.get("shared") or []
     for path in shared:
         check_relative(path, "shared path")
+    webroot = view.get("webroot")
+    if webroot:
+        check_relative(webroot, f"release:{project}:webroot")
     return {
         "deploy_to": deploy_to, "user": view.get("user"), "shared": list(shared),
         "keep_releases": int(view.get("keep_releases", 5)), "stack": view.get("stack"),
+        "webroot": webroot or None,
     }
 
 
@@ -391,6 +395,19 @@ def _move_in(dir_fd, tmp, name):
 def _discard(dir_fd, name):
     with contextlib.suppress(FileNotFoundError):
         safe_fs.remove(dir_fd, name)
+
+
+def served_path(node_settings):
+    """What the web server serves: ``current``, or its ``webroot`` subfolder."""
+    current = paths(node_settings)["current"]
+    return os.path.join(current, node_settings["webroot"]) if node_settings.get("webroot") else current
+
+
+def check_webroot(release_dir, node_settings, name):
+    """Refuse a release without its ``webroot`` folder: once switched, the web server would serve nothing."""
+    webroot = node_settings.get("webroot")
+    if webroot and not os.path.isdir(os.path.join(release_dir, webroot)):
+        raise CommandExecutionError(f"release {name} has no folder {webroot!r} (webroot): nothing would be served")
 
 
 def protect(release_dir):

@@ -72,5 +72,5 @@ def test_a_new_node_gets_the_published_release_of_a_waves_environment(m8):
     assert applied.returncode == 0 and state["result"] is True, applied
     assert state["changes"] == {"old": None, "new": release}, state
     assert current(m8, "m8-web2") == release
-    with open(os.path.join(node, "rainbow", "current", "RELEASE.json"), encoding="utf-8") as handle:
+    with open(os.path.join(node, "rainbow", "meta", release, "RELEASE.json"), encoding="utf-8") as handle:
         assert json.load(handle)["name"] == release
