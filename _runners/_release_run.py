@@ -239,6 +239,8 @@ def first_cause(earlier, error):
     """A node's error: the first failure of the run leads, what followed (a failed rollback) comes after it."""
     if not earlier or str(error).startswith(str(earlier)):
         return error
+    if str(error) in str(earlier):
+        return earlier
     return f"{earlier}; then {error}"
 
 
