@@ -347,8 +347,10 @@ def prune(project, keep=None, test=False):
     else 5), the newest confirmed healthy first, then the newest unconfirmed,
     bad ones last; never remove ``current`` or the rollback target;
     folders that are not releases are left alone; ``.partial`` leftovers of
-    interrupted installs are removed once older than ten minutes. Returns what
-    was (with ``test=True``: would be) removed.
+    interrupted installs are removed once older than ten minutes. A removed
+    release's meta folder goes with it; one left without its release (an
+    interrupted install) is removed once older than ten minutes
+    (``meta_removed``). Returns what was (with ``test=True``: would be) removed.
 
     CLI Example:
 
