@@ -12,13 +12,12 @@ import hashlib
 import os
 import pwd
 import shutil
-import tempfile
 
 import pytest
 from pytestshellutils.utils.ports import get_unused_localhost_port
 
 from tests.conftest import AppRepo, git, make_file_root, project_config, start_cluster
-from tests.integration.stack_services import Fpm, Nginx, get
+from tests.integration.stack_services import Fpm, Nginx, get, readable_root
 
 MINIONS = ("m14-web1", "m14-web2")
 SECRET = "m14-app-secret-5e1d"
@@ -71,11 +70,7 @@ def hostile_repo(path):
 
 @pytest.fixture(scope="module")
 def m14(salt_factories, app_repo, tmp_path_factory):
-    # Not under pytest's 0700 tmp dirs: www-data (nginx, FPM) must read the releases.
-    root = tempfile.mkdtemp(prefix="m14-", dir="/tmp")
-    os.chmod(root, 0o755)
-    nodes = os.path.join(root, "nodes")
-    os.makedirs(nodes)
+    root, nodes = readable_root("m14-")
     services = []
     try:
         fpm = Fpm(os.path.join(root, "fpm"), get_unused_localhost_port())
