@@ -366,7 +366,8 @@ def seed_shared(release_dir, shared_root, rel, uid, gid):
             found = None
         if found is not None:
             if stat.S_ISLNK(found.st_mode):
-                raise CommandExecutionError(f"shared/{rel} is a link, refusing to go through it")
+                raise CommandExecutionError(
+                    f"shared/{rel} is a link, not a plain directory or file: refusing to go through it")
             return False
         tmp = f".{name}.seed-{os.getpid()}"
         _discard(fd, tmp)  # a leftover of an interrupted seed
