@@ -18,6 +18,7 @@ return shapes in ``release_contract``. Standard library and Salt: minions
 receive it by ``saltutil.sync_all`` or from the ``salt_release`` pip package.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from salt.exceptions import CommandExecutionError
 
 import release_contract as contract
 import release_fence as fence_lib
+import release_meta as meta
 import release_node as node
 import release_retention as retention
 
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 
 __virtualname__ = "release"
 
-ARTIFACT_HASH_FILE = node.ARTIFACT_HASH_FILE
 PARTIAL_SUFFIX = node.PARTIAL_SUFFIX
 
 
@@ -99,9 +100,11 @@ def _unpacked_release(paths, name, source, source_hash, settings, delta_offer=No
         not_delta = node.build_tree(__salt__, paths, settings, partial, source, source_hash, delta_offer)
     try:
         _make_ready(partial, paths, settings, name, source_hash)
+        meta.commit(paths["root"], name)
         os.rename(partial, target)
     except (OSError, CommandExecutionError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
+        meta.remove(paths["root"], [name, name + PARTIAL_SUFFIX])
         if isinstance(exc, CommandExecutionError):
             raise
         raise CommandExecutionError(f"could not install {name}: {exc}")
@@ -111,21 +114,23 @@ def _unpacked_release(paths, name, source, source_hash, settings, delta_offer=No
 
 
 def _make_ready(partial, paths, settings, name, source_hash):
-    """Check the manifest, link shared paths, protect the code, render config, record the artifact's hash."""
+    """
+    Check the manifest, link shared paths, protect the code, render config;
+    the manifest, the config index and the artifact's hash go to the
+    release's meta folder (``meta/<name>.partial`` until the install ends).
+    """
     manifest = node.read_manifest(partial, name)
+    node.check_webroot(partial, settings, name)
+    meta_dir = meta.begin(paths["root"], name)
+    meta.take_manifest(partial, meta_dir)
     node.link_shared(partial, paths, settings)
     node.protect(partial)
     # Config rendered into the release itself, so a rollback brings its config back.
-    __salt__["release_config.render"](manifest["project"], partial, manifest, env=manifest["env"])
+    rendered = __salt__["release_config.render"](manifest["project"], partial, manifest, env=manifest["env"])
+    if rendered.get("files"):
+        meta.write(meta_dir, meta.CONFIG_INDEX, json.dumps(rendered["files"], indent=1, sort_keys=True))
     # The full artifact's hash, verified above or rebuilt file by file from a verified delta.
-    # Unlink first: an artifact file of that name may be hardlinked from the base release.
-    hash_file = os.path.join(partial, ARTIFACT_HASH_FILE)
-    if os.path.lexists(hash_file):
-        os.unlink(hash_file)
-    fd = os.open(hash_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        os.fchmod(handle.fileno(), 0o644)
-        handle.write(source_hash + "\n")
+    meta.write(meta_dir, meta.ARTIFACT_HASH, source_hash + "\n")
 
 
 def _check_fence(project, env, fence):
@@ -138,12 +143,8 @@ def _check_fence(project, env, fence):
         _remember(project, {}, fences=fences)
 
 
-def _installed_hash(release_dir):
-    try:
-        with open(os.path.join(release_dir, ARTIFACT_HASH_FILE), encoding="utf-8") as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
+def _installed_hash(paths, name):
+    return meta.read_text(paths["root"], name, meta.ARTIFACT_HASH)
 
 
 def install(project, name, source, source_hash, env=None, fence=None,
@@ -175,7 +176,7 @@ def install(project, name, source, source_hash, env=None, fence=None,
         target = os.path.join(paths["releases"], name)
         expected = node.sha256_of(source_hash)
         if os.path.isdir(target):
-            if _installed_hash(target) != expected:
+            if _installed_hash(paths, name) != expected:
                 raise CommandExecutionError(
                     f"release {name} is already installed from a different artifact; refusing to replace it"
                 )
@@ -346,8 +347,10 @@ def prune(project, keep=None, test=False):
     else 5), the newest confirmed healthy first, then the newest unconfirmed,
     bad ones last; never remove ``current`` or the rollback target;
     folders that are not releases are left alone; ``.partial`` leftovers of
-    interrupted installs are removed once older than ten minutes. Returns what
-    was (with ``test=True``: would be) removed.
+    interrupted installs are removed once older than ten minutes. A removed
+    release's meta folder goes with it; one left without its release (an
+    interrupted install) is removed once older than ten minutes
+    (``meta_removed``). Returns what was (with ``test=True``: would be) removed.
 
     CLI Example:
 
@@ -363,11 +366,14 @@ def prune(project, keep=None, test=False):
                                     good=_read_cache(project).get("good"), bad=state["bad"])
     except ValueError as exc:
         raise CommandExecutionError(str(exc))
-    releases_dir = node.paths(settings)["releases"]
-    partials = node.stale_partials(releases_dir)
-    removed = doomed + partials if test else node.remove_releases(releases_dir, doomed + partials)
+    paths = node.paths(settings)
+    partials = node.stale_partials(paths["releases"])
+    removed = doomed + partials if test else node.remove_releases(paths["releases"], doomed + partials)
+    orphans = meta.orphans(paths["root"], node.release_names(paths))
+    if not test:
+        meta.remove(paths["root"], orphans)
     return {
-        "result": True, "removed": removed, "test": bool(test),
+        "result": True, "removed": removed, "test": bool(test), "meta_removed": orphans,
         "kept": [n for n in state["releases"] if n not in removed],
         "current": state["current"], "rollback_target": state["rollback_target"],
     }
@@ -379,8 +385,10 @@ def prune(project, keep=None, test=False):
 def list_(project):
     """
     The releases on this node, oldest to newest, which one is current, the
-    one before it, those marked bad and the default rollback target (the
-    newest confirmed healthy one, see ``release.confirm``).
+    one before it, those marked bad, the default rollback target (the
+    newest confirmed healthy one, see ``release.confirm``) and ``served``,
+    the folder the web server should serve (``current``, or its pillar
+    ``webroot`` subfolder).
 
     CLI Example:
 
@@ -388,12 +396,15 @@ def list_(project):
 
         salt-call --local release.list rainbow
     """
-    paths = node.paths(_settings(project))
+    settings = _settings(project)
+    paths = node.paths(settings)
     releases, current = node.release_names(paths), node.current_name(paths)
     cached = _read_cache(project)
     bad = [b for b in cached.get("bad", []) if b in releases]
-    return contract.list_return(releases, current, cached.get("previous"), bad,
-                                retention.rollback_target(releases, current, cached.get("good"), bad))
+    found = contract.list_return(releases, current, cached.get("previous"), bad,
+                                 retention.rollback_target(releases, current, cached.get("good"), bad))
+    found["served"] = node.served_path(settings)
+    return found
 
 
 def current(project):

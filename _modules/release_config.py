@@ -39,17 +39,17 @@ import jinja2  # a dependency of Salt itself
 import jinja2.sandbox
 from salt.exceptions import CommandExecutionError
 
-import release_contract as contract
+import release_meta as meta
 import release_node as node
 
 __virtualname__ = "release_config"
 
-# Written into each release: which files were rendered and their sha256 (never contents).
-INDEX_NAME = ".config.sha256.json"
+# Kept in the release's meta folder by release.install: which files were rendered and their sha256.
+INDEX_NAME = meta.CONFIG_INDEX
 TEMPLATE_NAME = "<template>"
 KINDS = ("template", "source", "contents")
 # Files the release itself owns: a rendered file may not replace them.
-RESERVED = (contract.MANIFEST_NAME, INDEX_NAME, ".artifact.sha256")
+RESERVED = (meta.MANIFEST, meta.CONFIG_INDEX, meta.ARTIFACT_HASH)
 DEFAULT_MODE = {"root": 0o640, "app": 0o600}
 
 
@@ -275,16 +275,6 @@ def _write(release_dir, target, data, uid, gid, mode, shared):
         raise
 
 
-def _write_index(release_dir, hashes):
-    path = os.path.join(release_dir, INDEX_NAME)
-    if os.path.lexists(path):  # never write into a file a delta install hardlinked from the base release
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        os.fchmod(handle.fileno(), 0o644)
-        json.dump(hashes, handle, indent=1, sort_keys=True)
-
-
 # ---------------------------------------------------------------- events
 
 
@@ -304,7 +294,8 @@ def render(project, release_dir, manifest=None, env=None):
     Render the files pillar ``release:<project>:files`` declares into
     ``release_dir`` (an unpacked release); returns their sha256 by path.
     ``release.install`` calls this before the release is renamed into place,
-    so a failure leaves no half-configured release behind.
+    so a failure leaves no half-configured release behind, and keeps the
+    sha256 list in the release's meta folder (never in the served tree).
 
     CLI Example:
 
@@ -323,8 +314,6 @@ def render(project, release_dir, manifest=None, env=None):
                 hashes[target] = _digest(data)
         except OSError as exc:
             raise CommandExecutionError(f"could not write config file: {exc.strerror}") from None
-        if hashes:
-            _write_index(release_dir, hashes)
         return {"result": True, "files": hashes}
 
     return _reported(project, env, manifest.get("name"), False, work)
@@ -356,9 +345,11 @@ def check(project, name, source, source_hash, env=None, delta_source=None, delta
         conf = _project_pillar(project)
         offer = {"delta_source": delta_source, "delta_hash": delta_hash, "base": base}
         rendered = _dry_run(project, name, source, source_hash, offer, keep) if conf.get("files") else {}
-        current = os.path.join(conf.get("deploy_to") or "/nonexistent", "current")
+        deploy_to = conf.get("deploy_to") or "/nonexistent"
+        current = os.path.join(deploy_to, "current")
         files = {t: _compare(current, t, _digest(v[0])) for t, v in rendered.items()}
-        for target in sorted(set(_read_index(current)) - set(files)):
+        running = node.current_name({"current": current})
+        for target in sorted(set(meta.read_json(deploy_to, running, INDEX_NAME) if running else {}) - set(files)):
             files[target] = {"sha256": None, "status": "removed"}
         return {"result": True, "release": name, "files": files}
 
@@ -399,7 +390,7 @@ def _forget(settings, name, source):
 
 def _read_manifest(tree):
     try:
-        with open(os.path.join(tree, contract.MANIFEST_NAME), encoding="utf-8") as handle:
+        with open(os.path.join(tree, meta.MANIFEST), encoding="utf-8") as handle:
             return json.load(handle)
     except (OSError, ValueError) as exc:
         raise CommandExecutionError(f"could not read the release manifest: {exc}") from None
@@ -412,11 +403,3 @@ def _compare(current, target, sha256):
     with open(path, "rb") as handle:
         same = _digest(handle.read()) == sha256
     return {"sha256": sha256, "status": "unchanged" if same else "changed"}
-
-
-def _read_index(release_dir):
-    try:
-        with open(os.path.join(release_dir, INDEX_NAME), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return {}

@@ -230,7 +230,7 @@ def reporter(run):
             node.update(result=False, rolled_back=True)
             node["error"] = node.get("error") or "rolled back: the rollout stopped"
         if not ok:
-            node.update(result=False, error=error)
+            node.update(result=False, error=first_cause(node.get("error"), error))
         run.records.node_phase(run.record_id, minion, phase, started_at(duration_s), duration_s, ok, error)
         if phase in CONDUCTOR_PHASES or not ok and fleet.unreachable(error):
             fire(run, (minion, phase), contract.phase_event(release, ok, duration_s or 0, error))
@@ -242,6 +242,15 @@ def started_at(duration_s):
     """When a phase that just ended after ``duration_s`` seconds began (store.now()'s format)."""
     begun = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=float(duration_s or 0))
     return begun.isoformat(timespec="milliseconds")
+
+
+def first_cause(earlier, error):
+    """A node's error: the first failure of the run leads, what followed (a failed rollback) comes after it."""
+    if not earlier or str(error).startswith(str(earlier)):
+        return error
+    if str(error) in str(earlier):
+        return earlier
+    return f"{earlier}; then {error}"
 
 
 def note_outcomes(run, phase, outcomes):

@@ -169,7 +169,7 @@ RETURN_KEYS = {
 }
 # Keys a return may have besides: how an install got its files, the stack reload after a switch.
 OPTIONAL_KEYS = {
-    "list": {},
+    "list": {"served": (str,)},
     "install": {"transfer": (str,), "delta_refused": (str,), "base": (str,), "staged": (bool,),
                 "duration_s": (int, float)},
     "activate": {"reload": (dict,), "duration_s": (int, float)},

@@ -13,6 +13,7 @@ Standard library and Salt only. Loader dunders are passed in (``opts``,
 ``salt``, ``pillar``): this is a plain module, not a loader module.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -25,12 +26,12 @@ from salt.exceptions import CommandExecutionError
 
 import release_contract as contract
 import release_delta as delta
+import release_meta as meta
 import release_safe_fs as safe_fs
 import release_unpack as unpack
 
 log = logging.getLogger(__name__)
 
-ARTIFACT_HASH_FILE = ".artifact.sha256"
 PARTIAL_SUFFIX = ".partial"
 STAGING_DIR = ".staging"
 # A .partial or staged tree younger than this may belong to a deploy running now.
@@ -85,7 +86,7 @@ def project_view(opts, pillar, project):
 
 
 def settings(opts, pillar, project):
-    """The node's settings of a project: deploy_to, user, shared, keep_releases, stack."""
+    """The node's settings of a project: deploy_to, user, shared, keep_releases, stack, webroot."""
     view = project_view(opts, pillar, project)
     deploy_to = view.get("deploy_to")
     if not deploy_to:
@@ -96,9 +97,13 @@ def settings(opts, pillar, project):
     shared = view.get("shared") or []
     for path in shared:
         check_relative(path, "shared path")
+    webroot = view.get("webroot")
+    if webroot:
+        check_relative(webroot, f"release:{project}:webroot")
     return {
         "deploy_to": deploy_to, "user": view.get("user"), "shared": list(shared),
         "keep_releases": int(view.get("keep_releases", 5)), "stack": view.get("stack"),
+        "webroot": webroot or None,
     }
 
 
@@ -278,7 +283,7 @@ def remove_releases(releases_dir, entries):
     """
     Rename each entry out of the release namespace first, then delete it: a
     half-deleted folder is never taken for a release. An entry that cannot be
-    renamed is kept.
+    renamed is kept. Its meta folder goes with it.
     """
     removed = []
     for entry in entries:
@@ -289,6 +294,7 @@ def remove_releases(releases_dir, entries):
             log.warning("release: kept %s, could not move it aside: %s", entry, exc)
             continue
         shutil.rmtree(doomed, ignore_errors=True)
+        meta.remove(os.path.dirname(releases_dir), [entry])
         removed.append(entry)
     return removed
 
@@ -321,24 +327,88 @@ def read_manifest(release_dir, name):
 
 
 def link_shared(release_dir, paths, settings):
-    """Replace each shared path in the release by a link into shared/."""
+    """
+    Replace each shared path in the release by a link into shared/. A shared
+    path that does not exist yet is seeded from the release's own content
+    there (see :func:`seed_shared`); one that exists is never touched.
+    """
     uid, gid = app_ids(settings.get("user"))
-    for rel in settings["shared"]:
-        shared_path = os.path.join(paths["shared"], rel)
-        # The app user owns shared/ folders: a link planted there must not carry root's mkdir/chown out.
-        fd, created = safe_fs.make_dirs(paths["shared"], rel)
-        try:
-            if created:
-                os.fchown(fd, uid, gid)
-        finally:
-            os.close(fd)
+    shared = sorted((p.strip("/") for p in settings["shared"]), key=lambda p: p.count("/"))  # parents seed first
+    for rel in shared:
+        seed_shared(release_dir, paths["shared"], rel, uid, gid)
+        if any(rel.startswith(other + "/") for other in shared):
+            continue  # already shared through its parent's link: nothing of it is left in the release
         in_release = os.path.join(release_dir, rel)
         if os.path.islink(in_release) or os.path.isfile(in_release):
             os.unlink(in_release)
         elif os.path.isdir(in_release):
             shutil.rmtree(in_release)
         os.makedirs(os.path.dirname(in_release), mode=0o755, exist_ok=True)
-        os.symlink(os.path.relpath(shared_path, os.path.dirname(in_release)), in_release)
+        os.symlink(os.path.relpath(os.path.join(paths["shared"], rel), os.path.dirname(in_release)), in_release)
+
+
+def seed_shared(release_dir, shared_root, rel, uid, gid):
+    """
+    Create shared/<rel> when it does not exist: a copy of the release's
+    folder or file at ``rel`` (plain files and folders only, never through a
+    link), else an empty folder, owned by the app user. The copy is made
+    under a temporary name and moved in only if the path is still free, so
+    an interrupted seed is never taken for the real one. Returns True when
+    it seeded something.
+    """
+    parent_rel, name = os.path.split(rel.strip("/"))
+    # The app user owns shared/ folders: a link planted there must not carry root's mkdir/chown out.
+    fd, _ = safe_fs.make_dirs(shared_root, parent_rel)
+    try:
+        try:
+            found = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            found = None
+        if found is not None:
+            if stat.S_ISLNK(found.st_mode):
+                raise CommandExecutionError(
+                    f"shared/{rel} is a link, not a plain directory or file: refusing to go through it")
+            return False
+        tmp = f".{name}.seed-{os.getpid()}"
+        _discard(fd, tmp)  # a leftover of an interrupted seed
+        if not safe_fs.seed(release_dir, rel, fd, tmp, uid, gid):
+            os.mkdir(name, 0o755, dir_fd=fd)
+            os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+            return False
+        _move_in(fd, tmp, name)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _move_in(dir_fd, tmp, name):
+    """Rename ``tmp`` to ``name`` unless ``name`` appeared meanwhile (then ``tmp`` goes, theirs stays)."""
+    try:
+        if stat.S_ISDIR(os.stat(tmp, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # fails over a non-empty folder
+        else:
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)  # fails if it exists
+    except OSError as exc:
+        log.warning("release: shared %s appeared while it was seeded, kept it: %s", name, exc)
+    _discard(dir_fd, tmp)
+
+
+def _discard(dir_fd, name):
+    with contextlib.suppress(FileNotFoundError):
+        safe_fs.remove(dir_fd, name)
+
+
+def served_path(node_settings):
+    """What the web server serves: ``current``, or its ``webroot`` subfolder."""
+    current = paths(node_settings)["current"]
+    return os.path.join(current, node_settings["webroot"]) if node_settings.get("webroot") else current
+
+
+def check_webroot(release_dir, node_settings, name):
+    """Refuse a release without its ``webroot`` folder: once switched, the web server would serve nothing."""
+    webroot = node_settings.get("webroot")
+    if webroot and not os.path.isdir(os.path.join(release_dir, webroot)):
+        raise CommandExecutionError(f"release {name} has no folder {webroot!r} (webroot): nothing would be served")
 
 
 def protect(release_dir):

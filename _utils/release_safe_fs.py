@@ -103,3 +103,87 @@ def make_dirs(base, rel, mode=0o755):
             os.close(fd)
         raise
     return fd, created
+
+
+def seed(src_root, rel, dst_fd, name, uid, gid):
+    """
+    Copy what the release holds at ``src_root/rel`` to ``name`` in ``dst_fd``
+    (a new shared path), owned by ``uid:gid``: a folder as a folder, a file
+    as a file. Only plain files and folders are copied and no link is ever
+    followed, on either side: a link in the release, at ``rel``, above it or
+    inside it, is left out (the unpack already refused links leading out of
+    the release). Returns False when there was nothing to copy (no plain
+    file or folder at ``rel``). ``name`` must not exist: it is created with
+    O_EXCL / mkdir, never replaced.
+    """
+    parts = [p for p in rel.split("/") if p not in ("", ".")]
+    parent = _open_below(src_root, parts[:-1])
+    if parent is None:
+        return False
+    try:
+        found = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        if stat.S_ISREG(found.st_mode):
+            _copy_file(parent, parts[-1], dst_fd, name, uid, gid)
+        elif stat.S_ISDIR(found.st_mode):
+            _copy_dir(parent, parts[-1], dst_fd, name, uid, gid)
+        else:
+            return False
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(parent)
+    return True
+
+
+def _open_below(root, parts):
+    """A descriptor of root/parts..., None when a part is missing or is not a plain folder."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    for part in parts:
+        try:
+            inner = open_dir(fd, part)
+        except CommandExecutionError:
+            inner = None
+        os.close(fd)
+        if inner is None:
+            return None
+        fd = inner
+    return fd
+
+
+def _copy_file(src_fd, src_name, dst_fd, name, uid, gid):
+    source = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=src_fd)
+    try:
+        mode = os.fstat(source).st_mode & 0o755 | 0o600
+        target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dst_fd)
+        try:
+            os.fchown(target, uid, gid)
+            while True:
+                chunk = os.read(source, 1 << 20)
+                if not chunk:
+                    break
+                os.write(target, chunk)
+            os.fchmod(target, mode)
+        finally:
+            os.close(target)
+    finally:
+        os.close(source)
+
+
+def _copy_dir(src_fd, src_name, dst_fd, name, uid, gid):
+    source = os.open(src_name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=src_fd)
+    try:
+        mode = os.fstat(source).st_mode & 0o755 | 0o700
+        os.mkdir(name, 0o700, dir_fd=dst_fd)
+        target = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dst_fd)
+        try:
+            os.fchown(target, uid, gid)
+            for entry in os.scandir(source):
+                if entry.is_dir(follow_symlinks=False):
+                    _copy_dir(source, entry.name, target, entry.name, uid, gid)
+                elif entry.is_file(follow_symlinks=False):
+                    _copy_file(source, entry.name, target, entry.name, uid, gid)
+            os.fchmod(target, mode)
+        finally:
+            os.close(target)
+    finally:
+        os.close(source)

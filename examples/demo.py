@@ -76,7 +76,10 @@ def write_configs(repo, file_root):
         handle.write(
             "release:\n  rainbow:\n"
             f"    deploy_to: {DEMO}/nodes/{{{{ grains['id'] }}}}/rainbow\n"
-            "    user: www-data\n    shared: [storage, logs]\n    keep_releases: 5\n"
+            "    user: www-data\n    shared: [data, storage, logs]\n    webroot: public\n    keep_releases: 5\n"
+            # The example app's pattern (docs/php-app.md): config rendered with the release name and a secret.
+            "    files:\n      config/app.php: {template: config/app.php.example}\n"
+            "    secrets:\n      app_secret: demo-only-secret\n"
         )
     write_yaml(os.path.join(DEMO, "master", "conf", "master"), {
         "id": "demo-master", "root_dir": os.path.join(DEMO, "master"), "user": "root",
@@ -171,6 +174,20 @@ def deploy(ref):
     return code, ret
 
 
+def show_nodes():
+    """What each node serves now: its health page run by PHP as the app user, and its seeded data."""
+    for minion in MINIONS:
+        deploy_to = os.path.join(DEMO, "nodes", minion, "rainbow")
+        health = subprocess.run(["runuser", "-u", "www-data", "--", "php", "-f",
+                                 os.path.join(deploy_to, "current", "public", "health.php")],
+                                capture_output=True, text=True, timeout=30)
+        data = sorted(os.path.relpath(os.path.join(folder, name), os.path.join(deploy_to, "shared", "data"))
+                      for folder, _, files in os.walk(os.path.join(deploy_to, "shared", "data")) for name in files)
+        print(f"  {minion}: health {health.stdout.strip() or health.stderr.strip()}; shared/data: {', '.join(data)}")
+        if '"status":"ok"' not in health.stdout:
+            raise SystemExit(f"{minion} does not answer its health page as expected")
+
+
 def table(ret):
     rows = [("minion", "result", "release", "previous", "seconds")]
     for minion, node in sorted(ret.get("nodes", {}).items()):
@@ -197,6 +214,7 @@ def main():
         for ref in REFS:
             code, ret = deploy(ref)
             table(ret)
+            show_nodes()
             status = status or code or (0 if ret.get("result") else 1)
         return status
     finally:

@@ -29,8 +29,9 @@ class AppHandler(http.server.BaseHTTPRequestHandler):
         project, _, page = self.path.strip("/").partition("/")
         current = os.path.join(self.server.deploy_root, project, "current")
         try:
-            with open(os.path.join(current, "RELEASE.json"), encoding="utf-8") as handle:
-                release = json.load(handle)["name"]
+            if not os.path.islink(current):
+                raise FileNotFoundError(current)
+            release = os.path.basename(os.path.realpath(current))  # the release folder is named after it
             page_file = "health.php" if page == "health" else "index.html"
             if not os.path.isfile(os.path.join(current, "public", page_file)):
                 raise FileNotFoundError(page_file)
@@ -115,7 +116,12 @@ def set_breaks(cluster, tgt, breaks):
     Break the health of the named nodes for a project's NEXT install, through
     pillar (``breaks.json``: ``{project: [minion, ...]}``, read by the test's
     pillar template), and refresh the pillar of the minions ``tgt`` names.
+    The pillar shares ``public``: an empty ``shared/public`` made here first
+    keeps the install from seeding it with the release's own pages.
     """
+    for project, minions in breaks.items():
+        for minion in minions:
+            os.makedirs(os.path.join(cluster.nodes_root, minion, project, "shared", "public"), exist_ok=True)
     with open(os.path.join(cluster.pillar_root, "breaks.json"), "w", encoding="utf-8") as handle:
         json.dump(breaks, handle)
     refreshed = cluster.salt_cli.run("saltutil.refresh_pillar", "wait=True", minion_tgt=tgt)

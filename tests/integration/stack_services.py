@@ -9,6 +9,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import textwrap
 import time
 import urllib.error
@@ -30,6 +31,14 @@ def owned_dir(path):
     os.makedirs(path, exist_ok=True)
     os.chown(path, *app_ids())
     return path
+
+
+def readable_root(prefix):
+    """A temp folder with a nodes/ folder in it, outside pytest's 0700 tmp dirs: the app user must read releases."""
+    root = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(root, 0o755)
+    os.makedirs(os.path.join(root, "nodes"))
+    return root, os.path.join(root, "nodes")
 
 
 def as_app_user():

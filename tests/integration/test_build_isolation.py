@@ -168,7 +168,8 @@ def test_a_build_cannot_read_secrets_or_write_outside_its_tree(iso, probed, proj
 
 
 def _manifest(iso, project):
-    with open(os.path.join(node_tree(iso, project), "current", contract.MANIFEST_NAME)) as handle:
+    running = os.path.basename(os.readlink(os.path.join(node_tree(iso, project), "current")))
+    with open(os.path.join(node_tree(iso, project), "meta", running, contract.MANIFEST_NAME)) as handle:
         return json.load(handle)
 
 

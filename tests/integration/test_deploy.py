@@ -118,8 +118,9 @@ def test_name_and_manifest_follow_the_rules(cluster, app_repo, tag_deploy):
     # Each node holds the same manifest, and the built tree (make dist ran on the master).
     for minion in MINIONS:
         release_dir = os.path.join(cluster.deploy_to(minion), "releases", name)
-        with open(os.path.join(release_dir, contract.MANIFEST_NAME)) as handle:
+        with open(os.path.join(cluster.deploy_to(minion), "meta", name, contract.MANIFEST_NAME)) as handle:
             assert json.load(handle) == manifest
+        assert not os.path.lexists(os.path.join(release_dir, contract.MANIFEST_NAME))
         assert os.path.isfile(os.path.join(release_dir, "BUILD"))
 
 

@@ -9,6 +9,7 @@ published release, configured, switched, health-checked, and reports it.
 ``diff=True`` is a dry run that none of this sees.
 """
 
+import json
 import os
 import subprocess
 import time
@@ -109,6 +110,8 @@ def test_a_new_node_gets_the_published_release_of_a_waves_environment(m8, ports)
     assert states["release-rainbow-pruned"]["result"] is True, states
     assert current(m8, "m8-web2") == release
     assert served(ports, "m8-web2", "rainbow") == release
+    with open(os.path.join(node, "rainbow", "meta", release, "RELEASE.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["name"] == release
     with open(os.path.join(node, "rainbow", "current", "config", "node.txt"), encoding="utf-8") as handle:
         assert handle.read() == "rendered for highstate"
     listed = m8.salt_cli.run("release.list", "rainbow", minion_tgt="m8-web2").data

@@ -26,7 +26,7 @@ MINION = "m12n-web1"
 APP = "www-data"
 ALPHA_SECRET = "ALPHA-" + uuid.uuid4().hex
 OTHER_SECRET = "OTHER-" + uuid.uuid4().hex
-ROOT_LAYOUT = ("/releases", "/shared", "/current", "/.stack", "/.staging")
+ROOT_LAYOUT = ("/releases", "/meta", "/shared", "/current", "/.stack", "/.staging")
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def test_readers_never_see_current_missing(cluster, two_releases, tmp_path):
     assert seen == {b"va\n", b"vb\n"}
     assert os.readlink(os.path.join(deploy_to, "current")) == os.path.join("releases", names[0])
     # No temp links left behind in deploy_to.
-    assert sorted(os.listdir(deploy_to)) == ["current", "releases", "shared"]
+    assert sorted(os.listdir(deploy_to)) == ["current", "meta", "releases", "shared"]
 
 
 def test_activate_over_salt_switches_and_returns_the_previous(cluster, two_releases):

@@ -356,7 +356,9 @@ def test_a_release_named_by_hand_is_found_with_its_staged_checksum(m7):
 
 
 def node_manifest(cluster, minion):
-    path = os.path.join(cluster.nodes_root, "m7", minion, "rainbow", "current", "RELEASE.json")
+    deploy_to = os.path.join(cluster.nodes_root, "m7", minion, "rainbow")
+    path = os.path.join(deploy_to, "meta", os.path.basename(os.readlink(os.path.join(deploy_to, "current"))),
+                        "RELEASE.json")
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 

@@ -178,3 +178,70 @@ def test_top_level_pillar_only_when_listed_in_context_pillar(config, tmp_path):
     conf["context_pillar"] = ["mail"]
     config.render("rainbow", str(tmp_path))
     assert (tmp_path / "t.conf").read_text() == f"{SECRET}@smtp.example\n"
+
+
+# ---------------------------------------------------------------- seeding shared paths
+
+
+def _release_tree(root):
+    """A release tree whose data/ holds a file, a folder, links out (/etc, ..) and a link to a sibling."""
+    data = root / "data"
+    (data / "pages").mkdir(parents=True)
+    (data / "pages" / "start.txt").write_text("shipped\n")
+    (root / "public").mkdir()
+    (root / "public" / "index.html").write_text("page\n")
+    os.symlink("/etc", data / "etc")
+    os.symlink("..", data / "up")
+    os.symlink("../public/index.html", data / "page.html")
+    (root / ".env").write_text("KEY=1\n")
+    os.symlink("public", root / "alias")
+    return root
+
+
+def test_seed_copies_plain_files_only_and_follows_no_link(tmp_path):
+    tree = _release_tree(tmp_path / "release")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    uid, gid = node.app_ids(APP)
+    assert node.seed_shared(str(tree), str(shared), "data", uid, gid) is True
+    assert sorted(p.relative_to(shared).as_posix() for p in shared.rglob("*")) == [
+        "data", "data/pages", "data/pages/start.txt"]
+    assert (shared / "data" / "pages" / "start.txt").read_text() == "shipped\n"
+    assert all(os.lstat(p).st_uid == uid for p in [shared / "data", *shared.rglob("*")])
+    assert node.seed_shared(str(tree), str(shared), ".env", uid, gid) is True  # a file is seeded as a file
+    assert (shared / ".env").read_text() == "KEY=1\n" and os.stat(shared / ".env").st_uid == uid
+    # A path that is a link in the release (alias -> public), or missing: an empty folder, nothing read.
+    assert node.seed_shared(str(tree), str(shared), "alias", uid, gid) is False
+    assert node.seed_shared(str(tree), str(shared), "alias/sub", uid, gid) is False
+    assert node.seed_shared(str(tree), str(shared), "nosuch", uid, gid) is False
+    assert os.listdir(shared / "alias") == ["sub"] and os.listdir(shared / "alias" / "sub") == []
+    assert os.listdir(shared / "nosuch") == []
+    assert not [n for n in os.listdir(shared) if ".seed-" in n]
+
+
+def test_seed_never_touches_an_existing_shared_path(tmp_path):
+    tree = _release_tree(tmp_path / "release")
+    shared = tmp_path / "shared"
+    (shared / "data" / "pages").mkdir(parents=True)
+    (shared / "data" / "pages" / "start.txt").write_text("the app's own\n")
+    before = {p: (p.read_bytes() if p.is_file() else None, os.lstat(p)) for p in shared.rglob("*")}
+    assert node.seed_shared(str(tree), str(shared), "data", 0, 0) is False
+    assert {p: (p.read_bytes() if p.is_file() else None, os.lstat(p)) for p in shared.rglob("*")} == before
+    os.symlink("/etc", shared / "planted")
+    with pytest.raises(CommandExecutionError, match="is a link"):
+        node.seed_shared(str(tree), str(shared), "planted", 0, 0)
+
+
+def test_install_seeds_and_keeps_metadata_out_of_the_release(release, tmp_path):
+    release.__pillar__["release"]["rainbow"]["shared"] = ["storage"]
+    path, sha = artifact(tmp_path, NAME, extra=[("storage/seed.txt", b"seeded\n")])
+    release.install("rainbow", NAME, source=path, source_hash=sha)
+    srv = tmp_path / "srv"
+    assert (srv / "shared" / "storage" / "seed.txt").read_text() == "seeded\n"
+    assert sorted(os.listdir(srv / "meta" / NAME)) == [".artifact.sha256", "RELEASE.json"]
+    assert not {"RELEASE.json", ".artifact.sha256"} & set(os.listdir(srv / "releases" / NAME))
+    # Upgrade path: a release of the old layout (metadata in its root) is still known by its hash.
+    for name in os.listdir(srv / "meta" / NAME):
+        os.rename(srv / "meta" / NAME / name, srv / "releases" / NAME / name)
+    os.rmdir(srv / "meta" / NAME)
+    assert release.install("rainbow", NAME, source=path, source_hash=sha)["changed"] is False

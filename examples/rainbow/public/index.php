@@ -1,5 +1,8 @@
 <?php
-// The example app: says which release it runs, so a deploy can be seen working.
-$release = json_decode(@file_get_contents(__DIR__ . '/../RELEASE.json'), true);
-header('X-Release: ' . ($release['name'] ?? 'unknown'));
-echo 'rainbow ' . ($release['name'] ?? 'unknown') . "\n";
+// The example app: shows its start page from the shared data folder and counts visits there.
+$config = @include __DIR__ . '/../config/app.php';
+$release = is_array($config) ? $config['release'] : 'unknown';
+header('X-Release: ' . $release);
+$data = is_array($config) ? $config['datadir'] : __DIR__ . '/../data';
+@file_put_contents("$data/visits.log", gmdate('c') . "\n", FILE_APPEND | LOCK_EX);
+echo 'rainbow ' . $release . "\n" . @file_get_contents("$data/pages/start.txt");
