@@ -9,7 +9,10 @@ one. The decisions (``dead_run`` .. ``to_send_back``) are pure functions over
 the journal the dead run left in the store and the nodes' real state.
 
 The journal is the ``journal`` entry of a run's details, written before its
-first switch: ``{"targets": {minion: release}, "previous": {minion: release}}``.
+first switch and after each drain and undrain: ``{"targets": {minion:
+release}, "previous": {minion: release}, "drained": [backend, ...]}``, the
+last being the backends the run had taken out of the load balancer and not
+put back yet: the only ones ``settle`` may put back.
 The phases table then says, node by node, how far the run got; the nodes'
 ``current`` link says where it really left them.
 """
@@ -67,6 +70,15 @@ def to_finish(targets, current, drained):
     return [m for m in sorted(targets) if current.get(m) != targets[m] or m in drained]
 
 
+def to_settle(down, backends, dead_drained):
+    """
+    The nodes ``down`` (drained now) whose backend the dead run took out: a
+    backend an operator (or anyone else) had down stays down. A journal from a
+    version that did not record its drains (None) vouches for none.
+    """
+    return [m for m in down if backends.get(m) in set(dead_drained or ())]
+
+
 def to_send_back(targets, previous, current):
     """``{minion: previous release}`` for nodes the dead run switched (and that had a release before)."""
     return {
@@ -116,6 +128,7 @@ def _dead_run(run):
     if found:
         run.targets, run.previous = found["targets"], found["previous"]
         run.name, run.source_url, run.sha256 = dead["release"], found["source_url"], found["sha256"]
+        run.facts["dead_run_drained"] = found.get("drained")
     runs.say(run, f"recovering run {dead['id']} ({dead['kind']} {dead['release'] or dead['ref']} "
                   f"by {dead['who']}, jid {dead['jid']})")
     return dead
@@ -161,14 +174,23 @@ def send_back(run):
 
 
 def settle(run):
-    """Nodes still drained go back into the load balancer when they serve their release."""
+    """
+    Nodes the dead run left drained go back into the load balancer when they
+    serve their release; a node down for any other reason stays down.
+    """
     if not run.environment.get("lb") or not run.nodes:
         return
     engine = switch.engine(run)
-    drained = engine.drained(sorted(run.nodes))
-    if drained:
-        releases = {m: run.nodes[m]["release"] for m in drained}
-        run.facts["put_back"] = engine.settle(drained, releases)
+    down = engine.drained(sorted(run.nodes))
+    backends = {m: engine._backend(m) for m in down}  # noqa: SLF001
+    ours = to_settle(down, backends, run.facts.get("dead_run_drained"))
+    left = sorted(set(down) - set(ours))
+    if left:
+        runs.say(run, f"left down (the dead run did not drain them): {', '.join(left)}")
+        run.facts["left_down"] = left
+    if ours:
+        releases = {m: run.nodes[m]["release"] for m in ours}
+        run.facts["put_back"] = engine.settle(ours, releases)
 
 
 def _nothing_to_recover(run, comment):
