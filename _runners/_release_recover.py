@@ -72,11 +72,11 @@ def to_finish(targets, current, drained):
 
 def to_settle(down, backends, dead_drained):
     """
-    The nodes ``down`` (drained now) whose backend the dead run took out: a
-    backend an operator (or anyone else) had down stays down. A journal from a
-    version that did not record its drains (None) vouches for none.
+    The nodes ``down`` (drained now) whose backend the dead run took out
+    (its journal, or the load balancer's record of its drains): a backend an
+    operator (or anyone else) had down stays down.
     """
-    return [m for m in down if backends.get(m) in set(dead_drained or ())]
+    return [m for m in down if backends.get(m) in dead_drained]
 
 
 def to_send_back(targets, previous, current):
@@ -182,8 +182,8 @@ def settle(run):
         return
     engine = switch.engine(run)
     down = engine.drained(sorted(run.nodes))
-    backends = {m: engine._backend(m) for m in down}  # noqa: SLF001
-    ours = to_settle(down, backends, run.facts.get("dead_run_drained"))
+    backends = {m: engine.backend(m) for m in down}
+    ours = to_settle(down, backends, set(run.facts.get("dead_run_drained") or ()) | _lb_says_dead_drained(run))
     left = sorted(set(down) - set(ours))
     if left:
         runs.say(run, f"left down (the dead run did not drain them): {', '.join(left)}")
@@ -191,6 +191,18 @@ def settle(run):
     if ours:
         releases = {m: run.nodes[m]["release"] for m in ours}
         run.facts["put_back"] = engine.settle(ours, releases)
+
+
+def _lb_says_dead_drained(run):
+    """The backends the load balancer remembers the dead run draining (its last drain may be in no journal)."""
+    lb = run.environment["lb"]
+    ok, owners = fleet.run_on(run.opts, [lb["minion"]], "release_lb.drained_by", arg=[lb["upstream_file"]],
+                              timeout_s=run.config["timeout_s"])[lb["minion"]]
+    if not ok:
+        runs.say(run, f"load balancer {lb['minion']} cannot say who drained what: {owners}")
+        return set()
+    dead = switch.drainer(run, run.facts["recovered_run"])
+    return {backend for backend, by in owners.items() if by == dead}
 
 
 def _nothing_to_recover(run, comment):

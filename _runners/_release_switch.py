@@ -65,9 +65,23 @@ def journal(run, targets, drained=()):
 
 
 class JournalledRollout(rollout.Rollout):
-    """The rollout engine, keeping the run's journal of the backends it has drained up to date."""
+    """
+    The rollout engine, keeping the run's journal of the backends it has
+    drained up to date, and having the load balancer remember this run as
+    the one that drained them (``by``): a drain still in flight when the
+    runner dies is in no journal.
+    """
 
     on_change = None  # callable(backends this run has out now)
+    drained_by = None  # the run's name for release_lb.drain's ``by``
+
+    def backend(self, minion):
+        return self._backend(minion)
+
+    def _call(self, minions, fun, arg=(), kwarg=None):
+        if fun == "release_lb.drain" and self.drained_by:
+            kwarg = dict(kwarg or {}, by=self.drained_by)
+        return super()._call(minions, fun, arg=arg, kwarg=kwarg)
 
     def _drain(self, minions):
         before = set(self.ours)
@@ -93,9 +107,15 @@ def engine(run, targets=None, **activate_kwarg):
         run.fence, runs.reporter(run), lambda message: runs.say(run, message),
     )
     switcher.activate_kwarg = activate_kwarg
+    switcher.drained_by = drainer(run)
     if targets is not None:
         switcher.on_change = lambda drained: journal(run, targets, drained)
     return switcher
+
+
+def drainer(run, record_id=None):
+    """How the load balancer names the run that drained a backend."""
+    return f"{run.project}/{run.env} run {record_id or run.record_id}"
 
 
 def mark_left_bad(run, switched):

@@ -45,3 +45,11 @@ def test_a_refused_deploy_after_the_dead_run_does_not_shadow_it():
     failed = {"id": 13, "kind": "deploy", "result": 0, "details": json.dumps({"failed_step": "rollout"})}
     with pytest.raises(recovery.NothingToRecover, match="run 13"):
         recovery.dead_run([failed, refused, dead])
+
+
+def test_settle_puts_back_only_what_the_dead_run_drained():
+    down = ["w1", "w2", "w3"]
+    backends = {"w1": "a:80", "w2": "b:80", "w3": "c:80"}
+    # w3 was down by an operator: in neither the journal nor the load balancer's record of the run
+    assert recovery.to_settle(down, backends, {"a:80", "b:80"}) == ["w1", "w2"]
+    assert recovery.to_settle(down, backends, set()) == []
