@@ -174,7 +174,7 @@ def deploy(cluster, project, ref, *extra):
 def first_release(cluster, project):
     """Every node on v1.0.0, nothing drained: the start of each fault."""
     result, ret = deploy(cluster, project, "v1.0.0")
-    assert result.returncode == 0 and ret["result"], ret
+    assert result.returncode == 0 and ret["result"], (ret.get("error"), {m: n.get("error") for m, n in ret["nodes"].items()})
     assert set(currents(cluster, project).values()) == {ret["release"]}
     return ret["release"]
 
