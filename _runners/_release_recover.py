@@ -2,7 +2,7 @@
 The recover pipeline (``release.recover``), after a runner or its master died
 mid-rollout: find the dead run and its journal, take over its lock, then
 
-    survey -> finish | send_back -> settle
+    survey -> settle -> finish | send_back -> settle
 
 and ``_release_run.conclude``; the dead run is closed "recovered by" this
 one. The decisions (``dead_run`` .. ``to_send_back``) are pure functions over
@@ -101,7 +101,7 @@ def recover(run, mode):
             if not run.targets:
                 _close_dead(run, dead, mode)
                 raise NothingToRecover(f"run {dead['id']} died before its first switch: no node to recover")
-            runs.run_steps(run, (survey, finish if mode == "finish" else send_back, settle))
+            runs.run_steps(run, (survey, settle, finish if mode == "finish" else send_back, settle))
     except NothingToRecover as exc:
         return _nothing_to_recover(run, str(exc))
     except runs.DeployError as exc:
@@ -176,21 +176,28 @@ def send_back(run):
 def settle(run):
     """
     Nodes the dead run left drained go back into the load balancer when they
-    serve their release; a node down for any other reason stays down.
+    pass their check on the release they run; a node down for any other
+    reason stays down. Run first, so that finishing or sending back one batch
+    never has more nodes out than the rollout allows, and again at the end.
     """
-    if not run.environment.get("lb") or not run.nodes:
+    if not run.environment.get("lb"):
         return
     engine = switch.engine(run)
-    down = engine.drained(sorted(run.nodes))
-    backends = {m: engine.backend(m) for m in down}
-    ours = to_settle(down, backends, set(run.facts.get("dead_run_drained") or ()) | _lb_says_dead_drained(run))
+    down = [m for m in run.facts.get("drained", []) if m not in run.facts.get("put_back", [])]
+    if run.nodes:  # the end: what the load balancer has down now
+        down = engine.drained(sorted(run.facts.get("found") or run.nodes))
+    if not down:
+        return
+    ours = to_settle(down, {m: engine.backend(m) for m in down},
+                     set(run.facts.get("dead_run_drained") or ()) | _lb_says_dead_drained(run))
     left = sorted(set(down) - set(ours))
     if left:
         runs.say(run, f"left down (the dead run did not drain them): {', '.join(left)}")
         run.facts["left_down"] = left
-    if ours:
-        releases = {m: run.nodes[m]["release"] for m in ours}
-        run.facts["put_back"] = engine.settle(ours, releases)
+    running = dict(run.facts.get("found") or {}, **{m: n["release"] for m, n in run.nodes.items()})
+    back_in = engine.settle([m for m in ours if running.get(m)], running)
+    run.facts["put_back"] = sorted(set(run.facts.get("put_back", [])) | set(back_in))
+    run.facts["drained"] = [m for m in run.facts.get("drained", []) if m not in back_in]
 
 
 def _lb_says_dead_drained(run):

@@ -89,6 +89,7 @@ class HealthGate:
     def __init__(self, app_ports):
         self.app_ports = app_ports
         self.armed = {}  # (minion, project) -> "hang" | "fail"
+        self.spared = {}  # (minion, project) -> the release it answers for all the same
         self.reached = {}
         self.opened = threading.Event()
         gate = self
@@ -109,10 +110,12 @@ class HealthGate:
     def url(self):
         return f"http://127.0.0.1:{self.port}/{{minion}}/{{project}}"
 
-    def arm(self, minion, project, how):
+    def arm(self, minion, project, how, unless_release=None):
+        """``how`` for every check of the node, except while it serves ``unless_release``."""
         self.opened.clear()
         self.reached[(minion, project)] = threading.Event()
         self.armed[(minion, project)] = how
+        self.spared[(minion, project)] = unless_release
 
     def wait_reached(self, minion, project, timeout_s=90):
         assert self.reached[(minion, project)].wait(timeout_s), f"health gate {minion}/{project} never reached"
@@ -122,26 +125,32 @@ class HealthGate:
         self.opened.set()
 
     def answer(self, handler, minion, project):
-        how = self.armed.get((minion, project))
-        if how:
-            self.reached[(minion, project)].set()
-        if how == "fail":
-            handler.send_error(500)
+        try:
+            status, release, body = self._ask(minion, project)
+        except (OSError, http.client.HTTPException):
+            handler.send_error(502)
             return
-        if how == "hang":
+        how = self.armed.get((minion, project))
+        if how and release != self.spared.get((minion, project)):
+            self.reached[(minion, project)].set()
+            if how == "fail":
+                handler.send_error(500)
+                return
             self.opened.wait(120)
+        handler.send_response(status)
+        handler.send_header("X-Release", release)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def _ask(self, minion, project):
+        """The node's own answer: (status, release it serves, body)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.app_ports[minion], timeout=5)
         try:
             conn.request("GET", f"/{project}/health")
             response = conn.getresponse()
             body = response.read()
-            handler.send_response(response.status)
-            handler.send_header("X-Release", response.getheader("X-Release") or "")
-            handler.send_header("Content-Length", str(len(body)))
-            handler.end_headers()
-            handler.wfile.write(body)
-        except (OSError, http.client.HTTPException):
-            handler.send_error(502)
+            return response.status, response.getheader("X-Release") or "", body
         finally:
             conn.close()
 
