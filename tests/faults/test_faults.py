@@ -388,27 +388,33 @@ def lock_free(cluster, project):
     return not os.path.exists(os.path.join(cluster.release_config["state_dir"], "locks", f"{project}.pro.lock"))
 
 
-def recover(cluster, project, mode):
-    started = time.monotonic()
-    result, ret = cluster.run("release.recover", project, "env=pro", f"mode={mode}")
-    return result, ret, time.monotonic() - started
+
+
+def kill_runner_then_recover(cluster, nginx, gates, health_gate, project, phase, mode):
+    """
+    Deploy v1.1.0, kill -9 the runner at ``phase``, let the nodes finish what
+    it had asked of them, then the one operator command: ``release.recover``.
+    """
+    reached, opened = hold(cluster, gates, health_gate, project, phase)
+    with UpstreamWatcher(nginx["upstream"]) as watcher:
+        runner = Started(cluster, "release.deploy", project, "env=pro", "ref=v1.1.0")
+        reached()
+        runner.kill()
+        killed_at = time.monotonic()
+        opened()
+        wait_idle(cluster)
+        started = time.monotonic()
+        result, ret = cluster.run("release.recover", project, "env=pro", f"mode={mode}")
+    print(f"runner killed at {phase}: recover ({mode}) took {time.monotonic() - started:.1f} s; "
+          f"{time.monotonic() - killed_at:.1f} s from the kill; fewest in service: {watcher.min_up}")
+    return result, ret, watcher
 
 
 @pytest.mark.parametrize("phase", RUNNER_PHASES)
 def test_runner_killed_at_a_phase_then_recover_rolls_back(faults, app_ports, nginx, gates, health_gate, phase):
     project = f"kr{phase}"
     old = first_release(faults, project)
-    reached, opened = hold(faults, gates, health_gate, project, phase)
-    with UpstreamWatcher(nginx["upstream"]) as watcher:
-        runner = Started(faults, "release.deploy", project, "env=pro", "ref=v1.1.0")
-        reached()
-        runner.kill()
-        killed_at = time.monotonic()
-        opened()
-        wait_idle(faults)  # what the dead runner had asked of the nodes, they finish
-        result, ret, took = recover(faults, project, "rollback")
-    print(f"runner killed at {phase}: recover (rollback) took {took:.1f} s; "
-          f"{time.monotonic() - killed_at:.1f} s from the kill; fewest in service: {watcher.min_up}")
+    result, ret, watcher = kill_runner_then_recover(faults, nginx, gates, health_gate, project, phase, "rollback")
     assert result.returncode == 0 and ret["result"], ret
     assert lock_free(faults, project), "the dead runner's lock was taken over and released"
     assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, ret, watcher)
@@ -421,15 +427,7 @@ def test_runner_killed_at_a_phase_then_recover_rolls_back(faults, app_ports, ngi
 def test_runner_killed_at_verify_then_recover_finishes(faults, app_ports, nginx, gates, health_gate):
     project = "krfinish"
     first_release(faults, project)
-    reached, opened = hold(faults, gates, health_gate, project, "verify")
-    with UpstreamWatcher(nginx["upstream"]) as watcher:
-        runner = Started(faults, "release.deploy", project, "env=pro", "ref=v1.1.0")
-        reached()
-        runner.kill()
-        opened()
-        wait_idle(faults)
-        result, ret, took = recover(faults, project, "finish")
-    print(f"runner killed at verify: recover (finish) took {took:.1f} s; fewest in service: {watcher.min_up}")
+    result, ret, watcher = kill_runner_then_recover(faults, nginx, gates, health_gate, project, "verify", "finish")
     assert result.returncode == 0 and ret["result"], ret
     new = current(faults, "f3-web1", project)
     assert "1.1.0" in new
@@ -443,14 +441,8 @@ def test_recover_leaves_an_operators_down_alone(faults, app_ports, nginx, gates,
     kept_out = backend(app_ports, "f3-web3")
     by_hand(nginx, lambda text: text.replace(f"server {kept_out};", f"server {kept_out} down;"))
     try:
-        reached, opened = hold(faults, gates, health_gate, project, "verify")
-        with UpstreamWatcher(nginx["upstream"]) as watcher:
-            runner = Started(faults, "release.deploy", project, "env=pro", "ref=v1.1.0")
-            reached()
-            runner.kill()
-            opened()
-            wait_idle(faults)
-            result, ret, _ = recover(faults, project, "rollback")
+        result, ret, watcher = kill_runner_then_recover(faults, nginx, gates, health_gate, project, "verify",
+                                                        "rollback")
         assert result.returncode == 0 and ret["result"], ret
         assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, ret, watcher,
                           down={kept_out})
@@ -499,7 +491,9 @@ def test_master_killed_during_a_reload_then_recover(faults, app_ports, nginx, ga
               f"after the kill: {out[-600:]}")
         wait_answering(faults)
         wait_idle(faults)
-        result, ret, took = recover(faults, project, "rollback")
+        started = time.monotonic()
+        result, ret = faults.run("release.recover", project, "env=pro", "mode=rollback")
+        took = time.monotonic() - started
     print(f"master killed during a reload: recover took {took:.1f} s, {time.monotonic() - killed_at:.1f} s "
           f"from the kill; fewest in service: {watcher.min_up}")
     assert result.returncode == 0 and ret["result"], ret
