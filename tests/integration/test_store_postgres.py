@@ -114,7 +114,8 @@ def test_the_fleet_pillar_sees_a_deploy_holding_the_pg_lock_from_another_master(
     from tests.unit.test_release_pillar import GlobMinions, publish  # pylint: disable=import-outside-toplevel
 
     state_dir = str(tmp_path / "b")
-    opts = {"cachedir": str(tmp_path), "release": {"state_dir": state_dir, "store": pg_url, "projects": {
+    opts = {"cachedir": str(tmp_path), "file_roots": {"base": [str(tmp_path / "srv")]},
+            "release": {"state_dir": state_dir, "store": pg_url, "projects": {
         "rainbow": {"repo": "r", "environments": {"test": {"target": "web1"}}}}}}
     pillar = load("_pillar/release_fleet.py", "release_fleet_pillar_pg", opts=opts)
     monkeypatch.setattr(pillar.salt.utils.minions, "CkMinions", GlobMinions)
