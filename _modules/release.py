@@ -308,7 +308,7 @@ def confirm(project, release, env=None):
     if running != release:
         raise CommandExecutionError(f"{release} is not what this node runs ({running}): not confirmed")
     cached = _read_cache(project)
-    _remember(project, {}, good=retention.remember_good(cached.get("good"), release),
+    _remember(project, {}, good=retention.remember_good(retention.seed_good(cached), release),
               bad=[b for b in cached.get("bad", []) if b != release])
     return {"result": True, "project": project, "env": env, "release": release, "confirmed": True}
 
@@ -382,13 +382,14 @@ def prune(project, keep=None, test=False):
 # ---------------------------------------------------------------- queries
 
 
-def list_(project):
+def list_(project, avoid=None):
     """
     The releases on this node, oldest to newest, which one is current, the
     one before it, those marked bad, the default rollback target (the
-    newest confirmed healthy one, see ``release.confirm``) and ``served``,
-    the folder the web server should serve (``current``, or its pillar
-    ``webroot`` subfolder).
+    newest confirmed healthy one, see ``release.confirm``, that is neither
+    marked bad here nor named in ``avoid``, the master's bad marks) and
+    ``served``, the folder the web server should serve (``current``, or its
+    pillar ``webroot`` subfolder).
 
     CLI Example:
 
@@ -402,7 +403,8 @@ def list_(project):
     cached = _read_cache(project)
     bad = [b for b in cached.get("bad", []) if b in releases]
     found = contract.list_return(releases, current, cached.get("previous"), bad,
-                                 retention.rollback_target(releases, current, cached.get("good"), bad))
+                                 retention.rollback_target(releases, current, cached.get("good"),
+                                                           bad + list(avoid or [])))
     found["served"] = node.served_path(settings)
     return found
 

@@ -9,7 +9,10 @@ live with a reload; when the check or the reload fails the previous file is
 put back and the step fails, so the file never says what the running nginx
 does not serve. Each call returns the backends it changed: a backend an
 operator marked ``down`` by hand is not one a drain changed, so whoever
-undrains only what it drained leaves it down.
+undrains only what it drained leaves it down. A drain called with ``by``
+(a run's name) also remembers, on this minion, that this run took those
+backends out: a run killed while its drain was in flight never saw the
+return, and its recovery asks :func:`drained_by` instead.
 
 Other kinds (HAProxy's runtime API is the obvious next) go behind the same
 two calls, ``drain`` and ``undrain``.
@@ -17,6 +20,8 @@ two calls, ``drain`` and ``undrain``.
 This module stands alone (standard library and Salt).
 """
 
+import hashlib
+import json
 import os
 import re
 import subprocess
@@ -34,11 +39,12 @@ def __virtual__():
     return __virtualname__
 
 
-def drain(upstream_file, backends, kind="nginx", test_cmd=None, reload_cmd=None):
+def drain(upstream_file, backends, kind="nginx", test_cmd=None, reload_cmd=None, by=None):
     """
     Mark each backend ``down`` in the upstream file and reload the balancer.
     ``drained`` in the return lists the backends this call took out (those
-    already down, by an operator or an earlier drain, are not in it).
+    already down, by an operator or an earlier drain, are not in it); with
+    ``by`` they are remembered as taken out by ``by`` (see :func:`drained_by`).
 
     CLI Example:
 
@@ -46,7 +52,12 @@ def drain(upstream_file, backends, kind="nginx", test_cmd=None, reload_cmd=None)
 
         salt lb1 release_lb.drain /etc/nginx/conf.d/rainbow.upstream '["10.0.0.5:8080"]'
     """
-    return _set_down(upstream_file, backends, True, kind, test_cmd, reload_cmd)
+    ret = _set_down(upstream_file, backends, True, kind, test_cmd, reload_cmd)
+    if by and ret["drained"]:
+        owners = _owners(upstream_file)
+        owners.update(dict.fromkeys(ret["drained"], str(by)))
+        _write_owners(upstream_file, owners)
+    return ret
 
 
 def undrain(upstream_file, backends, kind="nginx", test_cmd=None, reload_cmd=None):
@@ -60,7 +71,25 @@ def undrain(upstream_file, backends, kind="nginx", test_cmd=None, reload_cmd=Non
 
         salt lb1 release_lb.undrain /etc/nginx/conf.d/rainbow.upstream '["10.0.0.5:8080"]'
     """
-    return _set_down(upstream_file, backends, False, kind, test_cmd, reload_cmd)
+    ret = _set_down(upstream_file, backends, False, kind, test_cmd, reload_cmd)
+    owners = _owners(upstream_file)
+    if any(b in owners for b in ret["backends"]):
+        _write_owners(upstream_file, {b: o for b, o in owners.items() if b not in ret["backends"]})
+    return ret
+
+
+def drained_by(upstream_file):
+    """
+    ``{backend: by}`` for the backends a drain called with ``by`` took out
+    and nothing has put back since.
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt lb1 release_lb.drained_by /etc/nginx/conf.d/rainbow.upstream
+    """
+    return _owners(upstream_file)
 
 
 def status(upstream_file):
@@ -105,6 +134,30 @@ def _set_down(upstream_file, backends, down, kind, test_cmd, reload_cmd):
         _replace(upstream_file, old_text)
         raise
     return ret
+
+
+def _owners_path(upstream_file):
+    """Beside the minion's cache, not the upstream file: nginx's config directory stays nginx's."""
+    digest = hashlib.sha256(os.path.abspath(upstream_file).encode()).hexdigest()[:16]
+    return os.path.join(__opts__["cachedir"], "release_lb", f"{digest}.json")
+
+
+def _owners(upstream_file):
+    try:
+        with open(_owners_path(upstream_file), encoding="utf-8") as handle:
+            found = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _write_owners(upstream_file, owners):
+    path = _owners_path(upstream_file)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(owners, handle, sort_keys=True)
+    os.replace(tmp, path)
 
 
 def _read(path):

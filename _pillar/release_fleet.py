@@ -19,8 +19,11 @@ When several environments' targets match one minion, the most recently
 recorded release wins: it is the last one a good deploy put on that node.
 While a deploy or rollback of that environment holds its lock, the entry
 also says ``locked: true`` and the lock's ``fence``: ``release.deployed``
-then changes nothing (the runner owns the node until it is done). Only the
-default file lock is seen here; a PostgreSQL store's session lock is not.
+then changes nothing (the runner owns the node until it is done). With
+``store: postgresql://...`` the lock is the database's session lock, seen
+from every master of the database (``release_pglock``); a database this
+master cannot reach counts as locked (highstate waits rather than racing a
+deploy it cannot see).
 
 Master configuration::
 
@@ -36,6 +39,7 @@ import logging
 import salt.utils.minions
 
 import release_health as health_lib
+import release_pglock as pglock
 import release_published as published
 import release_settings as settings
 
@@ -59,7 +63,7 @@ def ext_pillar(minion_id, pillar, *args, **kwargs):
         if record:
             fleet[project] = {k: record.get(k) for k in ("env", "release", "source", "source_hash")}
             fleet[project].update(_health(config["environments"][record["env"]]))
-            fleet[project].update(published.deploy_in_progress(conf["state_dir"], project, record["env"]) or {})
+            fleet[project].update(_in_progress(conf, project, record["env"]) or {})
     return {"release_fleet": fleet} if fleet else {}
 
 
@@ -69,6 +73,17 @@ def _health(environment):
         return {}
     return {"health": dict(environment["health"]),
             "host_grain": environment.get("host_grain", health_lib.DEFAULT_HOST_GRAIN)}
+
+
+def _in_progress(conf, project, env):
+    """The deploy lock of project+env as the configured store keeps it (a file, or PostgreSQL's session lock)."""
+    if not str(conf["store"]).startswith(("postgresql://", "postgres://")):
+        return published.deploy_in_progress(conf["state_dir"], project, env)
+    try:
+        return pglock.deploy_in_progress(conf["store"], project, env)
+    except Exception as exc:  # noqa: BLE001  psycopg2's errors: said without the URL (it may hold a password)
+        log.warning("release_fleet: cannot read the deploy lock of %s/%s: %s", project, env, type(exc).__name__)
+        return {"locked": True, "fence": None}
 
 
 def _latest_matching(minion_id, config, records):

@@ -2,14 +2,17 @@
 The recover pipeline (``release.recover``), after a runner or its master died
 mid-rollout: find the dead run and its journal, take over its lock, then
 
-    survey -> finish | send_back -> settle
+    survey -> settle -> finish | send_back -> settle
 
 and ``_release_run.conclude``; the dead run is closed "recovered by" this
 one. The decisions (``dead_run`` .. ``to_send_back``) are pure functions over
 the journal the dead run left in the store and the nodes' real state.
 
 The journal is the ``journal`` entry of a run's details, written before its
-first switch: ``{"targets": {minion: release}, "previous": {minion: release}}``.
+first switch and after each drain and undrain: ``{"targets": {minion:
+release}, "previous": {minion: release}, "drained": [backend, ...]}``, the
+last being the backends the run had taken out of the load balancer and not
+put back yet: the only ones ``settle`` may put back.
 The phases table then says, node by node, how far the run got; the nodes'
 ``current`` link says where it really left them.
 """
@@ -68,6 +71,15 @@ def to_finish(targets, current, drained):
     return [m for m in sorted(targets) if current.get(m) != targets[m] or m in drained]
 
 
+def to_settle(down, backends, dead_drained):
+    """
+    The nodes ``down`` (drained now) whose backend the dead run took out
+    (its journal, or the load balancer's record of its drains): a backend an
+    operator (or anyone else) had down stays down.
+    """
+    return [m for m in down if backends.get(m) in dead_drained]
+
+
 def to_send_back(targets, previous, current):
     """``{minion: previous release}`` for nodes the dead run switched (and that had a release before)."""
     return {
@@ -90,7 +102,7 @@ def recover(run, mode):
             if not run.targets:
                 _close_dead(run, dead, mode)
                 raise NothingToRecover(f"run {dead['id']} died before its first switch: no node to recover")
-            runs.run_steps(run, (survey, finish if mode == "finish" else send_back, settle))
+            runs.run_steps(run, (survey, settle, finish if mode == "finish" else send_back, settle))
     except NothingToRecover as exc:
         return _nothing_to_recover(run, str(exc))
     except runs.DeployError as exc:
@@ -117,6 +129,7 @@ def _dead_run(run):
     if found:
         run.targets, run.previous = found["targets"], found["previous"]
         run.name, run.source_url, run.sha256 = dead["release"], found["source_url"], found["sha256"]
+        run.facts["dead_run_drained"] = found.get("drained")
     runs.say(run, f"recovering run {dead['id']} ({dead['kind']} {dead['release'] or dead['ref']} "
                   f"by {dead['who']}, jid {dead['jid']})")
     return dead
@@ -162,14 +175,42 @@ def send_back(run):
 
 
 def settle(run):
-    """Nodes still drained go back into the load balancer when they serve their release."""
-    if not run.environment.get("lb") or not run.nodes:
+    """
+    Nodes the dead run left drained go back into the load balancer when they
+    pass their check on the release they run; a node down for any other
+    reason stays down. Run first, so that finishing or sending back one batch
+    never has more nodes out than the rollout allows, and again at the end.
+    """
+    if not run.environment.get("lb"):
         return
     engine = switch.engine(run)
-    drained = engine.drained(sorted(run.nodes))
-    if drained:
-        releases = {m: run.nodes[m]["release"] for m in drained}
-        run.facts["put_back"] = engine.settle(drained, releases)
+    down = [m for m in run.facts.get("drained", []) if m not in run.facts.get("put_back", [])]
+    if run.nodes:  # the end: what the load balancer has down now
+        down = engine.drained(sorted(run.facts.get("found") or run.nodes))
+    if not down:
+        return
+    ours = to_settle(down, {m: engine.backend(m) for m in down},
+                     set(run.facts.get("dead_run_drained") or ()) | _lb_says_dead_drained(run))
+    left = sorted(set(down) - set(ours))
+    if left:
+        runs.say(run, f"left down (the dead run did not drain them): {', '.join(left)}")
+        run.facts["left_down"] = left
+    running = dict(run.facts.get("found") or {}, **{m: n["release"] for m, n in run.nodes.items()})
+    back_in = engine.settle([m for m in ours if running.get(m)], running)
+    run.facts["put_back"] = sorted(set(run.facts.get("put_back", [])) | set(back_in))
+    run.facts["drained"] = [m for m in run.facts.get("drained", []) if m not in back_in]
+
+
+def _lb_says_dead_drained(run):
+    """The backends the load balancer remembers the dead run draining (its last drain may be in no journal)."""
+    lb = run.environment["lb"]
+    ok, owners = fleet.run_on(run.opts, [lb["minion"]], "release_lb.drained_by", arg=[lb["upstream_file"]],
+                              timeout_s=run.config["timeout_s"])[lb["minion"]]
+    if not ok:
+        runs.say(run, f"load balancer {lb['minion']} cannot say who drained what: {owners}")
+        return set()
+    dead = switch.drainer(run, run.facts["recovered_run"])
+    return {backend for backend, by in owners.items() if by == dead}
 
 
 def _nothing_to_recover(run, comment):

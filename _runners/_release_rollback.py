@@ -37,7 +37,9 @@ def rollback(run, wait, emergency=False):
 
 def choose(run):
     """Each node's target, from the nodes' own view (the one ``salt-call --local`` uses)."""
-    listed = fleet.run_on(run.opts, run.minions, "release.list", arg=[run.project],
+    # A node's own target never is a release the master marked bad (the emergency path passes them too).
+    avoid = sorted(run.records.bad_releases(run.project, run.env))
+    listed = fleet.run_on(run.opts, run.minions, "release.list", arg=[run.project], kwarg={"avoid": avoid},
                           timeout_s=run.config["timeout_s"])
     try:
         run.targets = node_state.rollback_targets(listed, run.to)

@@ -16,7 +16,6 @@ writes its journal (each node's target and previous release) into
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ import sqlite3
 import time
 
 import _release_lock as locking
+import release_pglock as pglock
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -162,10 +162,7 @@ def safe_url(text):
     return PASSWORD_PARAM.sub(r"\1=***", USERINFO.sub(r"\1", str(text)))
 
 
-def advisory_key(*parts):
-    """A stable signed 64-bit key for pg_advisory_lock from text."""
-    digest = hashlib.sha256("/".join(parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
+advisory_key = pglock.advisory_key  # the ext_pillar probes the same lock
 
 
 class Store:
@@ -354,13 +351,9 @@ class SessionLocks:
 
     def holder_alive(self, project, env, owner, ttl_s):
         """Certain, on any master: the holder is alive exactly while its session holds the advisory lock."""
-        key = advisory_key("lock", project, env)
         with contextlib.closing(self.dialect.connect()) as db:
             db.autocommit = True
-            free = self._fetch(db, "SELECT pg_try_advisory_lock(%s) AS got", (key,))[0]["got"]
-            if free:
-                self._fetch(db, "SELECT pg_advisory_unlock(%s)", (key,))
-        return not free
+            return pglock.held(db, advisory_key("lock", project, env))
 
     @staticmethod
     def _fetch(db, sql, params=()):

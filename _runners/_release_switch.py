@@ -32,7 +32,7 @@ def keep_in_waves(run, minions):
 def roll(run, targets, **activate_kwarg):
     """Switch nodes to ``targets`` through the rollout; returns the nodes that ended on their target."""
     journal(run, targets)
-    outcome = engine(run, **activate_kwarg).forward(run.waves, targets)
+    outcome = engine(run, targets, **activate_kwarg).forward(run.waves, targets)
     for minion in targets:
         was = run.previous.get(minion)
         node = run.nodes.setdefault(minion, contract.node_result(True, was, was))
@@ -51,21 +51,71 @@ def roll(run, targets, **activate_kwarg):
     return [m for m in outcome.switched if m not in outcome.reverted]
 
 
-def journal(run, targets):
-    """Before the first switch, what ``release.recover`` needs: each node's target and previous release."""
+def journal(run, targets, drained=()):
+    """
+    What ``release.recover`` needs, written before the first switch: each
+    node's target and previous release; rewritten after every drain and
+    undrain with the backends this run has out of the load balancer (only
+    those may a recovery put back).
+    """
     run.records.update_run(run.record_id, details={"journal": {
         "targets": dict(targets), "previous": {m: run.previous.get(m) for m in targets},
-        "source_url": run.source_url, "sha256": run.sha256,
+        "source_url": run.source_url, "sha256": run.sha256, "drained": sorted(drained),
     }})
 
 
-def engine(run, **activate_kwarg):
-    switcher = rollout.Rollout(
+class JournalledRollout(rollout.Rollout):
+    """
+    The rollout engine, keeping the run's journal of the backends it has
+    drained up to date, and having the load balancer remember this run as
+    the one that drained them (``by``): a drain still in flight when the
+    runner dies is in no journal.
+    """
+
+    on_change = None  # callable(backends this run has out now)
+    drained_by = None  # the run's name for release_lb.drain's ``by``
+
+    def backend(self, minion):
+        return self._backend(minion)
+
+    def _call(self, minions, fun, arg=(), kwarg=None):
+        if fun == "release_lb.drain" and self.drained_by:
+            kwarg = dict(kwarg or {}, by=self.drained_by)
+        return super()._call(minions, fun, arg=arg, kwarg=kwarg)
+
+    def _drain(self, minions):
+        before = set(self.ours)
+        ok = super()._drain(minions)
+        self._journal(before)
+        return ok
+
+    def _undrain(self, minions):
+        before = set(self.ours)
+        ok = super()._undrain(minions)
+        self._journal(before)
+        return ok
+
+    def _journal(self, before):
+        if self.on_change and self.ours != before:
+            self.on_change(set(self.ours))
+
+
+def engine(run, targets=None, **activate_kwarg):
+    """The rollout engine of ``run``; with ``targets`` it journals every drain and undrain."""
+    switcher = JournalledRollout(
         run.opts, run.project, run.env, run.environment, run.hosts, run.previous,
         run.fence, runs.reporter(run), lambda message: runs.say(run, message),
     )
     switcher.activate_kwarg = activate_kwarg
+    switcher.drained_by = drainer(run)
+    if targets is not None:
+        switcher.on_change = lambda drained: journal(run, targets, drained)
     return switcher
+
+
+def drainer(run, record_id=None):
+    """How the load balancer names the run that drained a backend."""
+    return f"{run.project}/{run.env} run {record_id or run.record_id}"
 
 
 def mark_left_bad(run, switched):

@@ -17,6 +17,21 @@ def remember_good(good, name):
     return ([n for n in (good or []) if n != name] + [name])[-GOOD_LENGTH:]
 
 
+def seed_good(cached):
+    """
+    The node's confirmed releases, or, on a node from a version that kept no
+    such list (no ``good`` in its cache at all), a first list: the release it
+    ran before the one being confirmed now (``previous``), unless marked bad.
+    That release was in service until this deploy switched away from it and
+    this deploy's checks passed, so a rollback right after the upgrade has
+    somewhere to go; a release only ever staged is never seeded.
+    """
+    if "good" in cached:
+        return cached["good"]
+    previous = cached.get("previous")
+    return [previous] if previous and previous not in cached.get("bad", []) else []
+
+
 def rollback_target(installed, current, good=(), bad=()):
     """
     The release a node goes back to from ``current``: the most recently

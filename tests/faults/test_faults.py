@@ -17,6 +17,7 @@ import pytest
 from pytestshellutils.utils.ports import get_unused_localhost_port
 
 from tests.conftest import make_file_root, project_config, start_cluster
+from tests.faults.injection import BusWatcher, Gates, HealthGate, kill_tree
 from tests.integration.nginx_lb import (
     UpstreamWatcher,
     running_nginx,
@@ -29,13 +30,16 @@ from tests.integration.nginx_lb import (
 APPS = ("f3-web1", "f3-web2", "f3-web3")
 LB = "f3-lb"
 PROJECTS = ("lbfail", "wavebad", "opdown", "readback", "gone")
+# One project per kill -9 cell (and the hanging check): every cell starts from a fresh history.
+RUNNER_PHASES = ("install", "drain", "activate", "verify", "undrain", "rollback")
+KILLED = tuple(f"kr{phase}" for phase in RUNNER_PHASES) + ("krfinish", "kropdown", "kminion", "kmaster", "hang")
 
 PILLAR = textwrap.dedent(
     """\
     {% import_json 'breaks.json' as breaks %}
     {% set node = grains['id'] %}
     release:
-    {% for project in ['lbfail', 'wavebad', 'opdown', 'readback', 'gone'] %}
+    {% for project in PROJECTS %}
       {{ project }}:
         deploy_to: {{ nodes_root }}/{{ node }}/{{ project }}
         user: {{ app_user }}
@@ -47,6 +51,12 @@ PILLAR = textwrap.dedent(
           kind: command
           run_as: root
           reload: 'case "$(readlink {{ nodes_root }}/{{ node }}/readback/current)" in *1.1.0*) exit 3;; esac'
+        {% elif project.startswith('k') %}
+        {# the test can hold this node's stack reload at its gate #}
+        stack:
+          kind: command
+          run_as: root
+          reload: 'GATES/gate reload-{{ project }}-{{ node }}'
         {% endif %}
     {% endfor %}
     """
@@ -85,10 +95,31 @@ WAVES = [
 
 
 @pytest.fixture(scope="module")
-def faults(salt_factories, app_repo, tmp_path_factory, app_ports, nginx):
+def gates(tmp_path_factory):
+    return Gates(str(tmp_path_factory.mktemp("f3gates")))
+
+
+@pytest.fixture(scope="module")
+def health_gate(app_ports):
+    gate = HealthGate(app_ports)
+    yield gate
+    gate.close()
+
+
+def gated_environment(nginx, gates, health_gate, project):
+    """Its health checks and LB checks pass through gates the test holds; a short call timeout."""
+    env = environment(nginx, timeout_s=15)
+    env["health"] = dict(env["health"], url=health_gate.url)
+    env["lb"] = dict(env["lb"], test_cmd=gates.command(f"lb-{project}", nginx["test_cmd"]))
+    return env
+
+
+@pytest.fixture(scope="module")
+def faults(salt_factories, app_repo, tmp_path_factory, app_ports, nginx, gates, health_gate):
     nodes_root = tmp_path_factory.mktemp("f3nodes")
     file_root = make_file_root(str(tmp_path_factory.mktemp("f3files") / "base"))
     environments = {p: environment(nginx) for p in PROJECTS}
+    environments.update({p: gated_environment(nginx, gates, health_gate, p) for p in KILLED})
     # Waves with their own batches; the environment's batch is left at its default of 100%.
     environments["wavebad"] = {k: v for k, v in environment(nginx, waves=WAVES).items() if k not in ("batch", "target")}
     release_config = {
@@ -96,12 +127,13 @@ def faults(salt_factories, app_repo, tmp_path_factory, app_ports, nginx):
         "state_dir": str(tmp_path_factory.mktemp("f3state")),
         "projects": {
             p: project_config(app_repo.path, build=[], checks=[], environments={"pro": environments[p]})
-            for p in PROJECTS
+            for p in PROJECTS + KILLED
         },
     }
     grains = {m: {"app_addr": f"127.0.0.1:{app_ports[m]}"} for m in APPS}
     grains[LB] = {"role": "lb"}
-    with start_cluster(salt_factories, "f3", file_root, release_config, PILLAR, str(nodes_root),
+    pillar = PILLAR.replace("PROJECTS", repr(list(PROJECTS + KILLED))).replace("GATES", gates.dir)
+    with start_cluster(salt_factories, "f3", file_root, release_config, pillar, str(nodes_root),
                        minion_ids=(LB,) + APPS, grains=grains, pillar_files={"breaks.json": "{}"}) as cluster:
         servers = [start_app_server(os.path.join(str(nodes_root), m), app_ports[m]) for m in APPS]
         yield cluster
@@ -142,7 +174,8 @@ def deploy(cluster, project, ref, *extra):
 def first_release(cluster, project):
     """Every node on v1.0.0, nothing drained: the start of each fault."""
     result, ret = deploy(cluster, project, "v1.0.0")
-    assert result.returncode == 0 and ret["result"], ret
+    errors = {m: n.get("error") for m, n in ret["nodes"].items()}
+    assert result.returncode == 0 and ret["result"], (ret.get("error"), errors)
     assert set(currents(cluster, project).values()) == {ret["release"]}
     return ret["release"]
 
@@ -270,3 +303,233 @@ def test_stopped_minion_fails_fast_and_is_named(faults, app_ports, nginx):
     assert current(faults, "f3-web3", "gone") == second["release"]
     assert {back["nodes"][m]["release"] for m in ("f3-web1", "f3-web2")} == {old}
     assert set().union(*served_through_nginx(nginx, "gone").values()) <= {old, second["release"]}
+
+
+# ---------------------------------------------------------------- kill -9 at a phase, then one operator command
+
+
+class Started:
+    """``salt-run`` started in the background, in its own session, so the test can kill -9 it."""
+
+    def __init__(self, cluster, fun, *args):
+        argv = cluster.salt_run_cli.cmdline(fun, *args, "--out=json")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # noqa: S603
+                                     start_new_session=True, text=True)
+
+    def kill(self):
+        assert self.proc.poll() is None, f"the runner ended before the kill: {self.proc.stdout.read()}"
+        kill_tree(self.proc.pid)
+        self.proc.wait(10)
+
+    def wait(self, timeout_s=120):
+        out, _ = self.proc.communicate(timeout=timeout_s)
+        return self.proc.returncode, out
+
+
+def hold(cluster, gates, health_gate, project, phase):
+    """
+    Arm the gate where ``phase`` of ``project``'s next deploy (batch 1, f3-web1
+    first) will block; returns (wait until it is reached, open it).
+    """
+    if phase == "install":  # the nodes report it themselves: the first node done installing
+        watcher = BusWatcher(cluster.master.config, f"release/{project}/pro/", "/install")
+        return watcher.wait, watcher.close
+    if phase in ("drain", "undrain"):  # the LB's config check: 1st call drains f3-web1, 2nd puts it back
+        name = f"lb-{project}"
+        gates.arm(name, skip=0 if phase == "drain" else 1)
+        return lambda: gates.wait_reached(name), lambda: gates.open(name)
+    if phase == "verify":
+        health_gate.arm("f3-web1", project, "hang")
+        return lambda: health_gate.wait_reached("f3-web1", project), health_gate.open
+    if phase == "activate":  # the stack reload, after the symlink moved
+        name = f"reload-{project}-f3-web1"
+        gates.arm(name)
+        return lambda: gates.wait_reached(name), lambda: gates.open(name)
+    assert phase == "rollback"  # f3-web2 fails its check; its rollback's reload (its 2nd) blocks
+    name = f"reload-{project}-f3-web2"
+    health_gate.arm("f3-web2", project, "fail")
+    gates.arm(name, skip=1)
+
+    def opened():
+        gates.open(name)
+        health_gate.open()
+
+    return lambda: gates.wait_reached(name), opened
+
+
+def wait_idle(cluster, timeout_s=60):
+    """Until no minion runs a job (the dead runner's calls finish on the nodes by themselves)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = cluster.salt_cli.run("saltutil.running", minion_tgt="*")
+        if result.returncode == 0 and not any(result.data.values()):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"jobs still running: {result.stdout}")
+
+
+def assert_consistent(cluster, nginx, app_ports, project, expected, ret, watcher, down=()):
+    """The invariant, read off the nodes and nginx; then the report must say the same."""
+    assert currents(cluster, project) == expected, "readlink of every node's current"
+    assert upstream_down(nginx["upstream"]) == set(down), "nginx serves every node the run took out again"
+    seen = served_through_nginx(nginx, project, count=12)
+    assert set(seen) == {backend(app_ports, m) for m in APPS if backend(app_ports, m) not in down}
+    assert set().union(*seen.values()) <= set(expected.values())
+    assert watcher.min_up >= len(APPS) - 1 - len(down), "at least N - batch in service throughout"
+    if ret.get("nodes"):
+        assert {m: n["release"] for m, n in ret["nodes"].items()} == {m: expected[m] for m in ret["nodes"]}, ret
+    _, status = cluster.run("release.status", project, "env=pro")
+    assert {m: n["current"] for m, n in status["nodes"].items()} == expected, status
+    _, history = cluster.run("release.history", project, "env=pro", "limit=5")
+    assert all(row["result"] is not None for row in history["runs"]), "no run left open"
+
+
+def lock_free(cluster, project):
+    return not os.path.exists(os.path.join(cluster.release_config["state_dir"], "locks", f"{project}.pro.lock"))
+
+
+
+
+def kill_runner_then_recover(cluster, nginx, gates, health_gate, project, phase, mode):
+    """
+    Deploy v1.1.0, kill -9 the runner at ``phase``, let the nodes finish what
+    it had asked of them, then the one operator command: ``release.recover``.
+    """
+    reached, opened = hold(cluster, gates, health_gate, project, phase)
+    with UpstreamWatcher(nginx["upstream"]) as watcher:
+        runner = Started(cluster, "release.deploy", project, "env=pro", "ref=v1.1.0")
+        reached()
+        runner.kill()
+        killed_at = time.monotonic()
+        opened()
+        wait_idle(cluster)
+        started = time.monotonic()
+        result, ret = cluster.run("release.recover", project, "env=pro", f"mode={mode}")
+    print(f"runner killed at {phase}: recover ({mode}) took {time.monotonic() - started:.1f} s; "
+          f"{time.monotonic() - killed_at:.1f} s from the kill; fewest in service: {watcher.min_up}")
+    return result, ret, watcher
+
+
+@pytest.mark.parametrize("phase", RUNNER_PHASES)
+def test_runner_killed_at_a_phase_then_recover_rolls_back(faults, app_ports, nginx, gates, health_gate, phase):
+    project = f"kr{phase}"
+    old = first_release(faults, project)
+    result, ret, watcher = kill_runner_then_recover(faults, nginx, gates, health_gate, project, phase, "rollback")
+    assert result.returncode == 0 and ret["result"], ret
+    assert lock_free(faults, project), "the dead runner's lock was taken over and released"
+    assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, ret, watcher)
+    if phase == "install":
+        assert "before its first switch" in ret["comment"], ret
+    else:
+        assert ret["recovered_run"] and ret["mode"] == "rollback", ret
+
+
+def test_runner_killed_at_verify_then_recover_finishes(faults, app_ports, nginx, gates, health_gate):
+    project = "krfinish"
+    first_release(faults, project)
+    result, ret, watcher = kill_runner_then_recover(faults, nginx, gates, health_gate, project, "verify", "finish")
+    assert result.returncode == 0 and ret["result"], ret
+    new = current(faults, "f3-web1", project)
+    assert "1.1.0" in new
+    assert_consistent(faults, nginx, app_ports, project, {m: new for m in APPS}, ret, watcher)
+
+
+def test_recover_leaves_an_operators_down_alone(faults, app_ports, nginx, gates, health_gate):
+    """Hostile: settle used to put back every drained node; only what the dead run drained goes back."""
+    project = "kropdown"
+    old = first_release(faults, project)
+    kept_out = backend(app_ports, "f3-web3")
+    by_hand(nginx, lambda text: text.replace(f"server {kept_out};", f"server {kept_out} down;"))
+    try:
+        result, ret, watcher = kill_runner_then_recover(faults, nginx, gates, health_gate, project, "verify",
+                                                        "rollback")
+        assert result.returncode == 0 and ret["result"], ret
+        assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, ret, watcher,
+                          down={kept_out})
+        assert ret["left_down"] == ["f3-web3"], ret
+    finally:
+        by_hand(nginx, lambda text: text.replace(f"server {kept_out} down;", f"server {kept_out};"))
+
+
+def test_minion_killed_during_its_reload(faults, app_ports, nginx, gates, health_gate):
+    project = "kminion"
+    old = first_release(faults, project)
+    minion = faults.minions[APPS.index("f3-web1") + 1]
+    reached, opened = hold(faults, gates, health_gate, project, "activate")
+    with UpstreamWatcher(nginx["upstream"]) as watcher:
+        started = time.monotonic()
+        runner = Started(faults, "release.deploy", project, "env=pro", "ref=v1.1.0")
+        reached()
+        kill_tree(minion.pid)
+        opened()  # the reload, in its own session, finishes: the node is on the new release
+        minion.terminate()
+        minion.start(start_timeout=120)
+        code, out = runner.wait()
+        took = time.monotonic() - started
+    print(f"minion killed during its reload: deploy ended (exit {code}) after {took:.1f} s; "
+          f"fewest in service: {watcher.min_up}")
+    assert code != 0, out
+    _, history = faults.run("release.history", project, "env=pro", "limit=1")
+    assert not history["runs"][0]["result"]
+    assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, {}, watcher)
+
+
+def test_master_killed_during_a_reload_then_recover(faults, app_ports, nginx, gates, health_gate):
+    project = "kmaster"
+    old = first_release(faults, project)
+    reached, opened = hold(faults, gates, health_gate, project, "activate")
+    with UpstreamWatcher(nginx["upstream"]) as watcher:
+        runner = Started(faults, "release.deploy", project, "env=pro", "ref=v1.1.0")
+        reached()
+        kill_tree(faults.master.pid)
+        killed_at = time.monotonic()
+        opened()
+        faults.master.terminate()
+        faults.master.start(start_timeout=120)
+        code, out = runner.wait(timeout_s=180)
+        print(f"master killed during a reload: the runner ended (exit {code}) {time.monotonic() - killed_at:.1f} s "
+              f"after the kill: {out[-600:]}")
+        wait_answering(faults)
+        wait_idle(faults)
+        started = time.monotonic()
+        result, ret = faults.run("release.recover", project, "env=pro", "mode=rollback")
+        took = time.monotonic() - started
+    print(f"master killed during a reload: recover took {took:.1f} s, {time.monotonic() - killed_at:.1f} s "
+          f"from the kill; fewest in service: {watcher.min_up}")
+    assert result.returncode == 0 and ret["result"], ret
+    assert lock_free(faults, project)
+    assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, ret, watcher)
+
+
+def wait_answering(cluster, timeout_s=90):
+    """Until every minion answers the restarted master."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = cluster.salt_cli.run("test.ping", minion_tgt="*", _timeout=5)
+        if result.returncode == 0 and len(result.data or {}) == len(cluster.minions):
+            return
+        time.sleep(1)
+    raise AssertionError("minions did not come back to the restarted master")
+
+
+def test_a_hanging_health_check_times_out_and_fails(faults, app_ports, nginx, health_gate):
+    project = "hang"
+    old = first_release(faults, project)
+    health_gate.arm("f3-web2", project, "hang", unless_release=old)  # it answers on the old release again
+    try:
+        with UpstreamWatcher(nginx["upstream"]) as watcher:
+            started = time.monotonic()
+            result, ret = deploy(faults, project, "v1.1.0")
+            took = time.monotonic() - started
+    finally:
+        health_gate.open()
+    _, rows = faults.run("release.history", project, "env=pro", "limit=1", "phases=True")
+    verify = [p for p in rows["runs"][0]["phases"] if p["minion"] == "f3-web2" and p["phase"] == "verify"]
+    print(f"hanging health check on f3-web2: its check failed after {verify[0]['duration_s']:.1f} s; "
+          f"consistent after {took:.1f} s")
+    assert result.returncode != 0 and ret["result"] is False
+    assert not verify[0]["result"], verify
+    health = faults.release_config["projects"][project]["environments"]["pro"]["health"]
+    # retries x timeout, the pauses between, and a little for the machine
+    assert verify[0]["duration_s"] <= health["retries"] * (health["timeout_s"] + health["interval_s"]) + 2
+    assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, ret, watcher)

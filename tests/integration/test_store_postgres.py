@@ -106,3 +106,26 @@ def test_a_bad_store_setting_is_refused_without_its_password(tmp_path):
         store.Store(str(tmp_path), "mysql://root:hunter2@db/release")
     assert "hunter2" not in str(caught.value)
     assert store.safe_url("postgresql://u:hunter2@db:5432/x") == "postgresql://db:5432/x"
+
+
+def test_the_fleet_pillar_sees_a_deploy_holding_the_pg_lock_from_another_master(tmp_path, pg_url, monkeypatch):
+    """Hostile: the ext_pillar read only the file lock, so highstate ran during a deploy with store: postgres."""
+    from tests.unit.loader import load  # pylint: disable=import-outside-toplevel
+    from tests.unit.test_release_pillar import GlobMinions, publish  # pylint: disable=import-outside-toplevel
+
+    state_dir = str(tmp_path / "b")
+    opts = {"cachedir": str(tmp_path), "file_roots": {"base": [str(tmp_path / "srv")]},
+            "release": {"state_dir": state_dir, "store": pg_url, "projects": {
+        "rainbow": {"repo": "r", "environments": {"test": {"target": "web1"}}}}}}
+    pillar = load("_pillar/release_fleet.py", "release_fleet_pillar_pg", opts=opts)
+    monkeypatch.setattr(pillar.salt.utils.minions, "CkMinions", GlobMinions)
+    publish(state_dir, "test", "r_test_2")
+    other_master = store.Store(str(tmp_path / "a"), pg_url).locks()
+    owner = other_master.acquire("rainbow", "test", "alice", "j1", "deploy v2")
+    try:
+        entry = pillar.ext_pillar("web1", {})["release_fleet"]["rainbow"]
+        assert entry["locked"] is True and entry["fence"] == owner["fence"], entry
+    finally:
+        other_master.release("rainbow", "test", owner["token"])
+    assert "locked" not in pillar.ext_pillar("web1", {})["release_fleet"]["rainbow"]
+    assert not os.path.exists(os.path.join(state_dir, "locks")), "the file lock played no part"

@@ -45,3 +45,34 @@ def test_a_refused_deploy_after_the_dead_run_does_not_shadow_it():
     failed = {"id": 13, "kind": "deploy", "result": 0, "details": json.dumps({"failed_step": "rollout"})}
     with pytest.raises(recovery.NothingToRecover, match="run 13"):
         recovery.dead_run([failed, refused, dead])
+
+
+def test_settle_puts_back_only_what_the_dead_run_drained():
+    down = ["w1", "w2", "w3"]
+    backends = {"w1": "a:80", "w2": "b:80", "w3": "c:80"}
+    # w3 was down by an operator: in neither the journal nor the load balancer's record of the run
+    assert recovery.to_settle(down, backends, {"a:80", "b:80"}) == ["w1", "w2"]
+    assert recovery.to_settle(down, backends, set()) == []
+
+
+def test_a_normal_rollback_gives_the_nodes_the_masters_bad_marks(tmp_path, monkeypatch):
+    """Hostile: a node's own target could be a release only the master had marked bad."""
+    import _release_fleet as fleet  # pylint: disable=import-outside-toplevel
+    import _release_rollback as rollback  # pylint: disable=import-outside-toplevel
+    import _release_run as runs  # pylint: disable=import-outside-toplevel
+
+    opts = {"cachedir": str(tmp_path), "file_roots": {"base": [str(tmp_path / "srv")]},
+            "release": {"projects": {"app": {"repo": "/git/app", "environments": {"pro": {"target": "w*"}}}}}}
+    run = runs.begin({"opts": opts}, "app", "pro", "rollback", "alice", "cli", {}, kind="rollback")
+    run.records.mark_bad("app", "pro", ["r2"], run.record_id)
+    asked = {}
+
+    def run_on(opts, minions, fun, arg=(), kwarg=None, **_):
+        asked.update(kwarg or {})
+        good = "r1" if "r2" in (kwarg or {}).get("avoid", []) else "r2"
+        return {"w1": (True, {"releases": ["r1", "r2", "r3"], "current": "r3", "rollback_target": good})}
+
+    monkeypatch.setattr(fleet, "run_on", run_on)
+    monkeypatch.setattr(rollback.switch, "find_staged", lambda run: None)
+    rollback.choose(run)
+    assert asked["avoid"] == ["r2"] and run.targets == {"w1": "r1"}

@@ -89,3 +89,13 @@ def test_stats_by_hand():
     assert figures["rollbacks"] == 1 and figures["success_rate"] == 0.5
     assert figures["duration_median_s"] == 2.5 and figures["duration_p95_s"] == 4.0
     assert figures["mttr_s"] == 15.0  # one outage: first failure at :10, the rollback at :25 recovers
+
+
+def test_a_node_from_before_the_good_history_seeds_it_with_the_release_it_ran():
+    # no "good" at all: the release the confirmed deploy replaced was in service until then
+    assert retention.seed_good({"previous": R[0], "bad": []}) == [R[0]]
+    assert retention.seed_good({"previous": R[0], "bad": [R[0]]}) == [], "never a bad one"
+    assert retention.seed_good({"previous": None}) == [], "a first deploy has nothing to seed"
+    # a node with a history (even an empty one) keeps it: only confirmed releases count there
+    assert retention.seed_good({"good": [], "previous": R[0]}) == []
+    assert retention.seed_good({"good": [R[1]], "previous": R[0]}) == [R[1]]
