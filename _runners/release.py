@@ -2,7 +2,7 @@
 salt-release: ship a git ref to a Salt-managed web cluster, in batches, with an
 atomic switch on every node.
 
-The nine ``salt-run release.*`` commands. Each is a few lines that hand Salt's
+The ten ``salt-run release.*`` commands. Each is a few lines that hand Salt's
 loader globals (``__opts__``, ``__salt__``, the progress channel) to one
 module per pipeline:
 
@@ -14,7 +14,7 @@ module per pipeline:
 - ``_release_run``: the run they share (lock, step, reporter, events, the
   return and history: ``conclude``)
 - ``_release_queries``: status, history, stats, report; ``_release_webhook``:
-  the git webhook
+  the git webhook; ``_release_console``: refs (the web console's picker)
 
 Master configuration (see README.md and ``_utils/release_settings.py``)::
 
@@ -32,6 +32,7 @@ Master configuration (see README.md and ``_utils/release_settings.py``)::
 
 import functools
 
+import _release_console as console
 import _release_deploy as deploy_pipeline
 import _release_queries as queries
 import _release_recover as recover_pipeline
@@ -40,7 +41,7 @@ import _release_run as runs
 import _release_webhook as hook
 
 __virtualname__ = "release"
-__all__ = ["deploy", "rollback", "recover", "unlock", "status", "history", "stats", "report", "webhook"]
+__all__ = ["deploy", "rollback", "recover", "unlock", "status", "history", "stats", "report", "webhook", "refs"]
 
 
 def __virtual__():
@@ -230,6 +231,24 @@ def report(project, out, env=None, days=30, **kwargs):
         salt-run release.report rainbow out=/var/www/reports/rainbow.html
     """
     return queries.report(__opts__, project, out, env, days)
+
+
+@_answers_errors
+def refs(project=None, limit=100, fetch=True, **kwargs):
+    """
+    What the web console shows besides status, history and stats: every
+    project's environments (production flag, deploy lock holder) and, for
+    ``project``, its branches and tags, newest first, with each one's commit,
+    author, date and subject (``fetch=False``: as the mirror has them).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.refs
+        salt-run release.refs rainbow limit=20
+    """
+    return console.refs(__opts__, project, limit, fetch)
 
 
 @_answers_errors
