@@ -208,12 +208,14 @@ async function refresh() {
   $("production-badge").hidden = !env.production;
   showLock(env.lock);
   updateControls();
+  const asked = state.asked = (state.asked || 0) + 1;
   const [status, history, stats, projects] = await Promise.allSettled([
     runner("release.status", t),
     runner("release.history", Object.assign({ limit: 15, phases: true }, t)),
     runner("release.stats", t),
     runner("release.refs", { project: t.project, fetch: false }),
   ]);
+  if (asked !== state.asked) return; // a newer refresh (another environment) answers instead
   if (projects.status === "fulfilled" && projects.value.projects) {
     state.projects[t.project] = projects.value.projects[t.project];
     showLock(state.projects[t.project][t.env].lock);

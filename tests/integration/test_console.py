@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 from pytestshellutils.utils.ports import get_unused_localhost_port
 
-from tests.conftest import REPO_ROOT, git, make_app_repo, runner_return, start_cluster
+from tests.conftest import REPO_ROOT, git, make_app_repo, make_file_root, runner_return, start_cluster
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
@@ -57,12 +57,9 @@ def repo(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mc(salt_factories, repo, nodes_root, tmp_path_factory):
     port = get_unused_localhost_port()
-    root = tmp_path_factory.mktemp("mc_file_root")
-    for folder in ("_modules", "_runners", "_utils", "_states"):
-        os.symlink(os.path.join(REPO_ROOT, folder), root / folder)
-    (root / "releases").mkdir()
+    root = make_file_root(str(tmp_path_factory.mktemp("mc_file_root") / "base"))
     release = {
-        "artifact_root": str(root / "releases"),
+        "artifact_root": os.path.join(root, "releases"),
         "state_dir": str(tmp_path_factory.mktemp("mc_state")),
         "projects": {"rainbow": {
             "repo": repo.path, "build": ["make dist"], "checks": ["make test"],
@@ -84,7 +81,7 @@ def mc(salt_factories, repo, nodes_root, tmp_path_factory):
         }},
         "netapi_enable_clients": ["runner", "runner_async"],
     }
-    with start_cluster(salt_factories, "mc", str(root), release, PILLAR, nodes_root,
+    with start_cluster(salt_factories, "mc", root, release, PILLAR, nodes_root,
                        minion_ids=MINIONS, master_overrides=overrides) as cluster:
         first = cluster.salt_run_cli.run("release.deploy", "rainbow", "env=test", "ref=v1.0.0",
                                          f"author={EVIL_AUTHOR}", "--out=json")
@@ -128,6 +125,9 @@ def log_in(driver, mc, user):
     eauth.clear()
     eauth.send_keys("auto")
     driver.find_element(By.ID, "login").click()
+    wait(driver, lambda d: len(Select(d.find_element(By.ID, "env")).options) == 3)
+    choose(driver, "env", "test")
+    wait(driver, lambda d: "v1.0.0" in d.find_element(By.ID, "history").text)
     wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#nodes tbody tr[data-minion]")) == 2)
     wait(driver, lambda d: len(Select(d.find_element(By.ID, "ref")).options) > 2)
 
