@@ -267,6 +267,9 @@ def test_rollback_through_a_dropped_event_stream(mc, browser):
     browser.execute_cdp_cmd("Network.enable", {})
     browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
         "offline": True, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    # Chromium's offline mode keeps an open stream alive: cut it as a dropped connection would,
+    # with the page's own error path (its reconnects fail until the network is back).
+    browser.execute_script("state.stream.onerror()")
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not (len(runs(mc)) > count and runs(mc)[-1]["finished_at"]):
         time.sleep(1)
