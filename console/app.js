@@ -411,7 +411,8 @@ function openStream() {
   if (state.stream) state.stream.close();
   const stream = new EventSource("/events");
   stream.onmessage = (message) => onEvent(JSON.parse(message.data));
-  stream.onopen = () => { if (state.run && !state.run.done) catchUp(); };
+  // Not on "open": salt-api sends its headers with the first event, which may never come.
+  if (state.run && !state.run.done) catchUp();
   stream.onerror = () => {
     // Dropped: start again shortly, and ask the history how the run ended meanwhile.
     stream.close();
