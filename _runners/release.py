@@ -14,7 +14,8 @@ module per pipeline:
 - ``_release_run``: the run they share (lock, step, reporter, events, the
   return and history: ``conclude``)
 - ``_release_queries``: status, history, stats, report; ``_release_webhook``:
-  the git webhook; ``_release_metrics``: the Prometheus metrics
+  the git webhook; ``_release_metrics``: the Prometheus metrics;
+  ``_release_console``: refs (the web console's picker)
 
 Master configuration (see README.md and ``_utils/release_settings.py``)::
 
@@ -32,6 +33,7 @@ Master configuration (see README.md and ``_utils/release_settings.py``)::
 
 import functools
 
+import _release_console as console
 import _release_deploy as deploy_pipeline
 import _release_metrics as metrics_lib
 import _release_queries as queries
@@ -41,7 +43,8 @@ import _release_run as runs
 import _release_webhook as hook
 
 __virtualname__ = "release"
-__all__ = ["deploy", "rollback", "recover", "unlock", "status", "history", "stats", "report", "metrics", "webhook"]
+__all__ = ["deploy", "rollback", "recover", "unlock", "status", "history", "stats", "report", "metrics",
+           "webhook", "refs"]
 
 
 def __virtual__():
@@ -256,6 +259,24 @@ def metrics(out=None, **kwargs):
     """
     conf = runs.master_settings(__opts__)
     return metrics_lib.on_demand(conf, runs.records(conf), out)
+
+
+@_answers_errors
+def refs(project=None, limit=100, fetch=True, **kwargs):
+    """
+    What the web console shows besides status, history and stats: every
+    project's environments (production flag, deploy lock holder) and, for
+    ``project``, its branches and tags, newest first, with each one's commit,
+    author, date and subject (``fetch=False``: as the mirror has them).
+
+    CLI Example:
+
+    .. code-block:: bash
+
+        salt-run release.refs
+        salt-run release.refs rainbow limit=20
+    """
+    return console.refs(__opts__, project, limit, fetch)
 
 
 @_answers_errors

@@ -6,9 +6,15 @@ checkout) deploys the bundled example app from a local git repository twice,
 printing the runner's live progress and a per-node table, then stops every
 process it started, on success, failure or Ctrl-C.
 
-    python examples/demo.py        (or: make demo)
+A salt-api beside the master serves the web console (``console/``); the demo
+prints its URL and a login. It is optional: when salt-api does not come up,
+the demo says so and deploys all the same. ``--keep`` (or Enter on a
+terminal) keeps the cluster up for the console until Enter or Ctrl-C.
+
+    python examples/demo.py [--keep]        (or: make demo)
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +31,7 @@ DEMO = os.path.join(CHECKOUT, ".demo")
 BIN = os.path.dirname(sys.executable)
 MINIONS = ("demo-web1", "demo-web2", "demo-web3")
 REFS = ("v1.0.0", "v1.1.0")
+CONSOLE_USER = "demo"  # the auto eauth takes any password for the users external_auth names
 
 
 def free_port():
@@ -68,7 +75,18 @@ def make_file_root():
     return root
 
 
-def write_configs(repo, file_root):
+def console_settings(api_port):
+    """salt-api serving the web console, and who may use it (see docs/console.md)."""
+    return {
+        "rest_cherrypy": {"port": api_port, "host": "127.0.0.1", "disable_ssl": True,
+                          "app": os.path.join(CHECKOUT, "console", "index.html"),
+                          "static": os.path.join(CHECKOUT, "console")},
+        "external_auth": {"auto": {CONSOLE_USER: ["@runner"]}},
+        "netapi_enable_clients": ["runner", "runner_async"],
+    }
+
+
+def write_configs(repo, file_root, api_port):
     publish_port, ret_port = free_port(), free_port()
     pillar_root = os.path.join(DEMO, "pillar")
     write_yaml(os.path.join(pillar_root, "top.sls"), {"base": {"*": ["release"]}})
@@ -87,6 +105,7 @@ def write_configs(repo, file_root):
         "open_mode": True, "auto_accept": True,
         "file_roots": {"base": [file_root]}, "pillar_roots": {"base": [pillar_root]},
         "fileserver_list_cache_time": 0,
+        **console_settings(api_port),
         "release": {
             "artifact_root": os.path.join(file_root, "releases"),
             "projects": {"rainbow": {
@@ -109,9 +128,9 @@ class Daemons:
     def __init__(self):
         self.procs = []
 
-    def start(self, binary, name):
+    def start(self, binary, name, log_name=None):
         conf = os.path.join(DEMO, name, "conf")
-        with open(os.path.join(DEMO, f"{name}.log"), "wb") as log:  # the daemon keeps its own copy
+        with open(os.path.join(DEMO, f"{log_name or name}.log"), "wb") as log:  # the daemon keeps its own copy
             proc = subprocess.Popen([os.path.join(BIN, binary), "-c", conf, "-l", "warning"],
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
@@ -188,6 +207,28 @@ def show_nodes():
             raise SystemExit(f"{minion} does not answer its health page as expected")
 
 
+def console_up(port, timeout_s=30):
+    """Whether salt-api answers on ``port`` within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
+
+
+def offer_console(api_port, keep):
+    if not console_up(api_port):
+        print(f"\nthe web console is not available: salt-api did not start (see {DEMO}/salt-api.log)")
+        return
+    print(f"\nweb console: http://127.0.0.1:{api_port}/app  (user {CONSOLE_USER}, any password, eauth auto)")
+    if keep or sys.stdin.isatty():
+        with contextlib.suppress(EOFError):
+            input("press Enter to stop the cluster ")
+
+
 def table(ret):
     rows = [("minion", "result", "release", "previous", "seconds")]
     for minion, node in sorted(ret.get("nodes", {}).items()):
@@ -198,13 +239,15 @@ def table(ret):
         print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
 
 
-def main():
+def main(keep=False):
     shutil.rmtree(DEMO, ignore_errors=True)
     os.makedirs(DEMO)
-    write_configs(make_app_repo(), make_file_root())
+    api_port = free_port()
+    write_configs(make_app_repo(), make_file_root(), api_port)
     daemons = Daemons()
     try:
         daemons.start("salt-master", "master")
+        daemons.start("salt-api", "master", log_name="salt-api")
         for minion in MINIONS:
             daemons.start("salt-minion", minion)
         print(f"started a master and {len(MINIONS)} minions on 127.0.0.1 (state in {DEMO})")
@@ -216,6 +259,7 @@ def main():
             table(ret)
             show_nodes()
             status = status or code or (0 if ret.get("result") else 1)
+        offer_console(api_port, keep)
         return status
     finally:
         daemons.stop()
@@ -224,6 +268,6 @@ def main():
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        sys.exit(main(keep="--keep" in sys.argv[1:]))
     except KeyboardInterrupt:
         sys.exit(130)
