@@ -2,7 +2,7 @@
 salt-release: ship a git ref to a Salt-managed web cluster, in batches, with an
 atomic switch on every node.
 
-The ten ``salt-run release.*`` commands. Each is a few lines that hand Salt's
+The eleven ``salt-run release.*`` commands. Each is a few lines that hand Salt's
 loader globals (``__opts__``, ``__salt__``, the progress channel) to one
 module per pipeline:
 
