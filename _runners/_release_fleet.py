@@ -82,7 +82,10 @@ def run_on(opts, minions, fun, arg=(), kwarg=None, timeout_s=60, presence_timeou
         returns = _client(opts).cmd(
             here, fun, arg=list(arg), kwarg=kwarg or {}, tgt_type="list", timeout=timeout_s, full_return=True,
         )
-        _note_answers(m for m, full in returns.items() if isinstance(full, dict) and "ret" in full)
+        answered = [m for m, full in returns.items() if isinstance(full, dict) and "ret" in full]
+        _note_answers(answered)
+        if set(here) - set(answered):
+            _forget_client(opts)
     return {
         minion: (False, f"{minion} {PROBE_UNANSWERED} within {presence_timeout_s} s")
         if minion in absent else _outcome(returns.get(minion), timeout_s)
@@ -113,6 +116,8 @@ def present(opts, minions, timeout_s):
         if answered >= wanted or time.monotonic() > deadline:
             break
     _note_answers(answered & wanted)
+    if wanted - answered:
+        _forget_client(opts)
     return answered & wanted
 
 
@@ -138,6 +143,17 @@ def _client(opts):
     if key not in cache:
         cache[key] = (opts, salt.client.LocalClient(mopts=opts))  # opts kept: its id stays unique
     return cache[key][1]
+
+
+def _forget_client(opts):
+    """
+    Drop this thread's client after a call some minion did not answer: its
+    event bus connection may be the reason (a master restarted under it
+    keeps it open but deaf), and the next call must not stay deaf with it.
+    """
+    _, client = _LOCAL.__dict__.setdefault("clients", {}).pop((id(opts), salt.client.LocalClient), (None, None))
+    if client is not None:
+        client.destroy()
 
 
 def unreachable(error):

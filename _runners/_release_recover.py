@@ -38,12 +38,13 @@ class NothingToRecover(Exception):
 def dead_run(runs):
     """
     The newest deploy/rollback row (``runs`` newest first) when it never
-    finished. Runs refused before they held the lock (locked, bad input)
-    touched no node: they never shadow the dead run before them.
+    finished, or failed leaving nodes it could not read back (see
+    ``unsettled``). Runs refused before they held the lock (locked, bad
+    input) touched no node: they never shadow the dead run before them.
     """
     for row in runs:
         if row["kind"] in RECOVERABLE and not _refused(row):
-            if row["result"] is not None:
+            if row["result"] is not None and not unsettled(row):
                 raise NothingToRecover(f"the last {row['kind']} (run {row['id']}) finished: nothing to recover")
             return row
     raise NothingToRecover("no deploy or rollback on record: nothing to recover")
@@ -51,13 +52,29 @@ def dead_run(runs):
 
 def _refused(row):
     """A finished run that stopped at its lock or its configuration, before any node step."""
-    if row["result"] is None:
-        return False
+    return row["result"] is not None and _details(row).get("failed_step") in ("lock", "configure")
+
+
+def unsettled(row):
+    """
+    ``{minion: previous release}`` of a failed run's nodes whose release it
+    could not read back (a master restarted under it, a minion that stopped
+    answering): they may still run the failed release, so recover looks.
+    """
+    details = _details(row)
+    if row["result"] is None or row["result"] or details.get("recovered_by"):
+        return {}
+    nodes = details.get("nodes") or {}
+    return {m: node["previous"] for m, node in sorted(nodes.items())
+            if isinstance(node, dict) and node.get("release") is None and node.get("previous")}
+
+
+def _details(row):
     try:
         details = json.loads(row.get("details") or "{}")
     except (TypeError, ValueError):
-        return False
-    return isinstance(details, dict) and details.get("failed_step") in ("lock", "configure")
+        return {}
+    return details if isinstance(details, dict) else {}
 
 
 def journal(details):
@@ -97,7 +114,7 @@ def recover(run, mode):
         run.error, run.failed_step = f"mode must be one of {', '.join(MODES)}, not {mode!r}", "configure"
     dead = None
     try:
-        dead = _dead_run(run)
+        dead = _dead_run(run, mode)
         with runs.Locked(run, f"recover ({mode}) of run {dead['id']}", 0, take_over=True):
             if not run.targets:
                 _close_dead(run, dead, mode)
@@ -115,18 +132,24 @@ def recover(run, mode):
 
 
 def _close_dead(run, dead, mode):
-    run.records.finish_run(dead["id"], False, None, (dead["error"] or "the run died mid-rollout")
-                           + f"; recovered by run {run.record_id} ({mode}, {run.author})")
+    run.records.finish_run(dead["id"], False, dead.get("duration_s"), (dead["error"] or "the run died mid-rollout")
+                           + f"; recovered by run {run.record_id} ({mode}, {run.author})",
+                           dict(_details(dead), recovered_by=run.record_id))
 
 
-def _dead_run(run):
+def _dead_run(run, mode):
     """The run to recover and its journal (``run.targets``, ``run.previous``)."""
     if run.error:
         raise runs.DeployError(run.error)
     dead = dead_run(run.records.runs(run.project, run.env, limit=50, kinds=RECOVERABLE))
-    found = journal(json.loads(dead["details"]) if dead["details"] else None)
+    found = journal(_details(dead))
     run.facts["recovered_run"] = dead["id"]
-    if found:
+    left = unsettled(dead)
+    if left:  # a failed run, not a dead one: only the nodes it lost track of, and only back
+        if mode == "finish":
+            raise runs.DeployError(f"run {dead['id']} failed: mode=finish cannot take it forward; use mode=rollback")
+        run.targets, run.previous = dict.fromkeys(left, dead["release"]), left
+    elif found:
         run.targets, run.previous = found["targets"], found["previous"]
         run.name, run.source_url, run.sha256 = dead["release"], found["source_url"], found["sha256"]
         run.facts["dead_run_drained"] = found.get("drained")

@@ -300,9 +300,9 @@ def fleet_release(m7):
 
 def state_apply(m7, minion, *args):
     result = m7.salt_cli.run("state.apply", "release", *args, minion_tgt=minion)
-    states = result.data
-    assert isinstance(states, dict) and len(states) == 1, result
-    return result, next(iter(states.values()))
+    states = {ret["__id__"]: ret for ret in result.data.values()} if isinstance(result.data, dict) else {}
+    assert set(states) == {"release-rainbow", "release-rainbow-pruned"}, result  # deployed, then pruned
+    return result, states["release-rainbow"]
 
 
 def test_highstate_brings_a_drifted_node_back(m7):

@@ -76,3 +76,17 @@ def test_a_normal_rollback_gives_the_nodes_the_masters_bad_marks(tmp_path, monke
     monkeypatch.setattr(rollback.switch, "find_staged", lambda run: None)
     rollback.choose(run)
     assert asked["avoid"] == ["r2"] and run.targets == {"w1": "r1"}
+
+
+def test_a_failed_run_that_lost_track_of_a_node_is_recovered_until_it_is():
+    """A master restart under a run: it failed with a node it could not read back, maybe on its release."""
+    nodes = {"web1": {"release": None, "previous": "r1"}, "web2": {"release": "r1", "previous": "r1"}}
+    lost = {"id": 12, "kind": "deploy", "result": 0, "release": "r2", "details": json.dumps({"nodes": nodes})}
+    assert recovery.unsettled(lost) == {"web1": "r1"}
+    assert recovery.dead_run([lost])["id"] == 12
+    settled = dict(lost, details=json.dumps({"nodes": nodes, "recovered_by": 13}))
+    with pytest.raises(recovery.NothingToRecover):
+        recovery.dead_run([settled])
+    known = dict(lost, details=json.dumps({"nodes": dict(nodes, web1={"release": "r1", "previous": "r1"})}))
+    with pytest.raises(recovery.NothingToRecover):
+        recovery.dead_run([known])
