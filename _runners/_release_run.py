@@ -118,7 +118,7 @@ def begin(loader, project, env, ref, author, trigger, kwargs, record=True, kind=
     """
     A new run of ``kind``; a project or environment the settings lack is its
     error. ``loader`` is what the runner module has from Salt's loader:
-    ``{"opts": __opts__, "functions": __salt__, "progress": callable}``.
+    ``{"opts": __opts__, "functions": __salt__, "progress": callable, "jid": the job's}``.
     """
     opts = loader["opts"]
     conf = master_settings(opts)
@@ -127,7 +127,7 @@ def begin(loader, project, env, ref, author, trigger, kwargs, record=True, kind=
         project=project, env=env, ref=str(ref), author=author or getpass.getuser(),
         config=config or {}, environment={}, state_dir=conf["state_dir"], opts=opts, conf=conf,
         progress=loader.get("progress"), functions=loader.get("functions"),
-        jid=kwargs.get("__pub_jid") or _jid(), trigger=trigger, kind=kind,
+        jid=kwargs.get("__pub_jid") or loader.get("jid") or _jid(), trigger=trigger, kind=kind,
     )
     if record:
         run.records = records(conf)

@@ -69,8 +69,12 @@ def _answers_errors(command):
 
 
 def _loader():
-    """What the pipelines need of Salt's loader, passed explicitly."""
-    return {"opts": __opts__, "functions": __salt__, "progress": _progress}
+    """
+    What the pipelines need of Salt's loader, passed explicitly; ``jid`` is the
+    Salt job this call runs as (Salt injects ``__jid__``), so that the history
+    row of a ``runner_async`` call names the job its caller was given.
+    """
+    return {"opts": __opts__, "functions": __salt__, "progress": _progress, "jid": globals().get("__jid__")}
 
 
 def _progress(message):

@@ -411,8 +411,9 @@ function openStream() {
   if (state.stream) state.stream.close();
   const stream = new EventSource("/events");
   stream.onmessage = (message) => onEvent(JSON.parse(message.data));
-  // Not on "open": salt-api sends its headers with the first event, which may never come.
-  if (state.run && !state.run.done) catchUp();
+  // Once listening again, the history says whether the run ended while no event could arrive
+  // (salt-api opens the stream as soon as it listens on the event bus: nothing is missed after).
+  stream.onopen = () => { if (state.run && !state.run.done) catchUp(); };
   stream.onerror = () => {
     // Dropped: start again shortly, and ask the history how the run ended meanwhile.
     stream.close();

@@ -274,6 +274,8 @@ def test_rollback_through_a_dropped_event_stream(mc, browser):
     while time.monotonic() < deadline and not (len(runs(mc)) > count and runs(mc)[-1]["finished_at"]):
         time.sleep(1)
     assert runs(mc)[-1]["kind"] == "rollback" and runs(mc)[-1]["result"] == 1
+    # The history row names the Salt job the page was given: how the page finds its run there.
+    assert f"(job {runs(mc)[-1]['jid']})" in browser.find_element(By.ID, "live-title").text
     assert browser.find_elements(By.ID, "final") == []  # nothing reached the page meanwhile
     browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
         "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
