@@ -31,6 +31,7 @@ import release_fence as fence_lib
 import release_meta as meta
 import release_node as node
 import release_retention as retention
+import release_shared as shared_paths
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _make_ready(partial, paths, settings, name, source_hash):
     node.check_webroot(partial, settings, name)
     meta_dir = meta.begin(paths["root"], name)
     meta.take_manifest(partial, meta_dir)
-    node.link_shared(partial, paths, settings)
+    shared_paths.link_shared(partial, paths, settings)
     node.protect(partial)
     # Config rendered into the release itself, so a rollback brings its config back.
     rendered = __salt__["release_config.render"](manifest["project"], partial, manifest, env=manifest["env"])

@@ -15,6 +15,7 @@ from salt.exceptions import CommandExecutionError
 
 import release_node as node
 import release_safe_fs as safe_fs
+import release_shared as shared_paths
 import release_stack as stack_mod
 from tests.conftest import REPO_ROOT
 from tests.unit.test_release_node import NAME, NEWER, artifact
@@ -203,17 +204,17 @@ def test_seed_copies_plain_files_only_and_follows_no_link(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     uid, gid = node.app_ids(APP)
-    assert node.seed_shared(str(tree), str(shared), "data", uid, gid) is True
+    assert shared_paths.seed_shared(str(tree), str(shared), "data", uid, gid) is True
     assert sorted(p.relative_to(shared).as_posix() for p in shared.rglob("*")) == [
         "data", "data/pages", "data/pages/start.txt"]
     assert (shared / "data" / "pages" / "start.txt").read_text() == "shipped\n"
     assert all(os.lstat(p).st_uid == uid for p in [shared / "data", *shared.rglob("*")])
-    assert node.seed_shared(str(tree), str(shared), ".env", uid, gid) is True  # a file is seeded as a file
+    assert shared_paths.seed_shared(str(tree), str(shared), ".env", uid, gid) is True  # a file is seeded as a file
     assert (shared / ".env").read_text() == "KEY=1\n" and os.stat(shared / ".env").st_uid == uid
     # A path that is a link in the release (alias -> public), or missing: an empty folder, nothing read.
-    assert node.seed_shared(str(tree), str(shared), "alias", uid, gid) is False
-    assert node.seed_shared(str(tree), str(shared), "alias/sub", uid, gid) is False
-    assert node.seed_shared(str(tree), str(shared), "nosuch", uid, gid) is False
+    assert shared_paths.seed_shared(str(tree), str(shared), "alias", uid, gid) is False
+    assert shared_paths.seed_shared(str(tree), str(shared), "alias/sub", uid, gid) is False
+    assert shared_paths.seed_shared(str(tree), str(shared), "nosuch", uid, gid) is False
     assert os.listdir(shared / "alias") == ["sub"] and os.listdir(shared / "alias" / "sub") == []
     assert os.listdir(shared / "nosuch") == []
     assert not [n for n in os.listdir(shared) if ".seed-" in n]
@@ -225,11 +226,11 @@ def test_seed_never_touches_an_existing_shared_path(tmp_path):
     (shared / "data" / "pages").mkdir(parents=True)
     (shared / "data" / "pages" / "start.txt").write_text("the app's own\n")
     before = {p: (p.read_bytes() if p.is_file() else None, os.lstat(p)) for p in shared.rglob("*")}
-    assert node.seed_shared(str(tree), str(shared), "data", 0, 0) is False
+    assert shared_paths.seed_shared(str(tree), str(shared), "data", 0, 0) is False
     assert {p: (p.read_bytes() if p.is_file() else None, os.lstat(p)) for p in shared.rglob("*")} == before
     os.symlink("/etc", shared / "planted")
     with pytest.raises(CommandExecutionError, match="is a link"):
-        node.seed_shared(str(tree), str(shared), "planted", 0, 0)
+        shared_paths.seed_shared(str(tree), str(shared), "planted", 0, 0)
 
 
 def test_install_seeds_and_keeps_metadata_out_of_the_release(release, tmp_path):
