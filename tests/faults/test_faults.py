@@ -503,6 +503,7 @@ def test_lb_minion_killed_mid_drain_then_recover(faults, app_ports, nginx, gates
           f"{time.monotonic() - killed_at:.1f} s from the kill; fewest in service: {watcher.min_up}")
     assert code != 0, out  # the drain never answered: the run failed at its first batch
     assert result.returncode == 0 and ret["result"], ret
+    assert ret["lb_undone"] == f"drain of {backend(app_ports, 'f3-web1')}", "recover says what it undid"
     assert lock_free(faults, project)
     assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, ret, watcher)
     # The file says what nginx serves: the next reload (anyone's) changes nothing.
