@@ -153,13 +153,14 @@ def _set_down(upstream_file, backends, down, kind, test_cmd, reload_cmd, owned):
             raise CommandExecutionError(f"{upstream_file} has no server line for {', '.join(missing)}")
         changed = [b for b in backends if servers[b] != down]
         owners = _owners(upstream_file)
+        owners_after = owned(owners, changed)
         if changed:
             # Written ahead: a call killed from here on is undone by the next (see _settled).
             _write_state(upstream_file, "edit", {
                 "text": old_text, "owners": owners, "test_cmd": test_cmd, "reload_cmd": reload_cmd,
                 "what": f"{'drain' if down else 'undrain'} of {', '.join(changed)}"})
-        if owned(owners, changed) != owners:
-            _write_state(upstream_file, "owners", owned(owners, changed))
+        if owners_after != owners:
+            _write_state(upstream_file, "owners", owners_after)
         if changed:
             _replace(upstream_file, _with_down(old_text, set(changed), down))
             _apply(upstream_file, test_cmd, reload_cmd)

@@ -391,6 +391,13 @@ def lock_free(cluster, project):
 
 
 
+def recover_timed(cluster, project, mode="rollback"):
+    """The one operator command: (process result, its return, seconds it took)."""
+    started = time.monotonic()
+    result, ret = cluster.run("release.recover", project, "env=pro", f"mode={mode}")
+    return result, ret, time.monotonic() - started
+
+
 def kill_runner_then_recover(cluster, nginx, gates, health_gate, project, phase, mode):
     """
     Deploy v1.1.0, kill -9 the runner at ``phase``, let the nodes finish what
@@ -496,9 +503,7 @@ def test_lb_minion_killed_mid_drain_then_recover(faults, app_ports, nginx, gates
         lb.start(start_timeout=120)
         code, out = runner.wait()
         wait_idle(faults)
-        started = time.monotonic()
-        result, ret = faults.run("release.recover", project, "env=pro", "mode=rollback")
-        took = time.monotonic() - started
+        result, ret, took = recover_timed(faults, project)
     print(f"LB minion killed mid-drain: the deploy ended (exit {code}); recover took {took:.1f} s, "
           f"{time.monotonic() - killed_at:.1f} s from the kill; fewest in service: {watcher.min_up}")
     assert code != 0, out  # the drain never answered: the run failed at its first batch
@@ -535,9 +540,7 @@ def test_master_killed_during_a_reload_then_recover(faults, app_ports, nginx, ga
               f"after the kill: {out[-600:]}")
         wait_answering(faults)
         wait_idle(faults)
-        started = time.monotonic()
-        result, ret = faults.run("release.recover", project, "env=pro", "mode=rollback")
-        took = time.monotonic() - started
+        result, ret, took = recover_timed(faults, project)
     print(f"master killed during a reload: recover took {took:.1f} s, {time.monotonic() - killed_at:.1f} s "
           f"from the kill; fewest in service: {watcher.min_up}")
     assert result.returncode == 0 and ret["result"], ret
