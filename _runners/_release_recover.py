@@ -114,6 +114,7 @@ def recover(run, mode):
         run.error, run.failed_step = f"mode must be one of {', '.join(MODES)}, not {mode!r}", "configure"
     dead = None
     try:
+        _settle_lb(run)
         dead = _dead_run(run, mode)
         with runs.Locked(run, f"recover ({mode}) of run {dead['id']}", 0, take_over=True):
             if not run.targets:
@@ -236,8 +237,30 @@ def _lb_says_dead_drained(run):
     return {backend for backend, by in owners.items() if by == dead}
 
 
+def _settle_lb(run):
+    """
+    First, whatever run died: a load-balancer minion killed mid-edit left a
+    file nginx may not serve; its next call undoes that edit (see
+    ``release_lb``). This is that call, so the undo is said (``lb_undone``).
+    """
+    lb = run.environment.get("lb")
+    if run.error or not lb:
+        return
+    ok, value = fleet.run_on(run.opts, [lb["minion"]], "release_lb.settle", arg=[lb["upstream_file"]],
+                             timeout_s=run.config["timeout_s"])[lb["minion"]]
+    if not ok:
+        raise runs.DeployError(f"load balancer {lb['minion']} cannot settle {lb['upstream_file']}: {value}")
+    if value.get("undone"):
+        run.facts["lb_undone"] = value["undone"]
+        runs.say(run, f"load balancer {lb['minion']}: undid a {value['undone']} that a killed call left "
+                      "half made (the file put back and reloaded)")
+
+
 def _nothing_to_recover(run, comment):
+    if run.facts.get("lb_undone"):
+        comment += f"; the load balancer undid a {run.facts['lb_undone']} that a killed call left half made"
+    undone = {k: v for k, v in run.facts.items() if k == "lb_undone"}
     duration_s = round(time.monotonic() - run.started, 3)
-    run.records.finish_run(run.record_id, True, duration_s, None, {"comment": comment})
+    run.records.finish_run(run.record_id, True, duration_s, None, dict(undone, comment=comment))
     metrics.publish(run.conf, run.records)
-    return {"result": True, "project": run.project, "env": run.env, "comment": comment, "retcode": 0}
+    return dict(undone, result=True, project=run.project, env=run.env, comment=comment, retcode=0)

@@ -32,7 +32,8 @@ LB = "f3-lb"
 PROJECTS = ("lbfail", "wavebad", "opdown", "readback", "gone")
 # One project per kill -9 cell (and the hanging check): every cell starts from a fresh history.
 RUNNER_PHASES = ("install", "drain", "activate", "verify", "undrain", "rollback")
-KILLED = tuple(f"kr{phase}" for phase in RUNNER_PHASES) + ("krfinish", "kropdown", "kminion", "kmaster", "hang")
+KILLED = tuple(f"kr{phase}" for phase in RUNNER_PHASES) + (
+    "krfinish", "kropdown", "kminion", "klb", "kmaster", "hang")
 
 PILLAR = textwrap.dedent(
     """\
@@ -390,6 +391,13 @@ def lock_free(cluster, project):
 
 
 
+def recover_timed(cluster, project, mode="rollback"):
+    """The one operator command: (process result, its return, seconds it took)."""
+    started = time.monotonic()
+    result, ret = cluster.run("release.recover", project, "env=pro", f"mode={mode}")
+    return result, ret, time.monotonic() - started
+
+
 def kill_runner_then_recover(cluster, nginx, gates, health_gate, project, phase, mode):
     """
     Deploy v1.1.0, kill -9 the runner at ``phase``, let the nodes finish what
@@ -474,6 +482,47 @@ def test_minion_killed_during_its_reload(faults, app_ports, nginx, gates, health
     assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, {}, watcher)
 
 
+def test_lb_minion_killed_mid_drain_then_recover(faults, app_ports, nginx, gates, health_gate):
+    """
+    Hostile: kill -9 of the load-balancer minion between writing the upstream
+    file and reloading nginx (its ``test_cmd`` held) left the file saying
+    ``down`` while nginx still served the node, and nothing put it back.
+    """
+    project = "klb"
+    old = first_release(faults, project)
+    lb = faults.minions[0]
+    reached, _ = hold(faults, gates, health_gate, project, "drain")
+    with UpstreamWatcher(nginx["upstream"]) as watcher:
+        runner = Started(faults, "release.deploy", project, "env=pro", "ref=v1.1.0")
+        reached()
+        assert upstream_down(nginx["upstream"]) == {backend(app_ports, "f3-web1")}, "written, not yet reloaded"
+        kill_tree(lb.pid)
+        killed_at = time.monotonic()
+        gates.disarm(f"lb-{project}")
+        lb.terminate()
+        lb.start(start_timeout=120)
+        code, out = runner.wait()
+        wait_idle(faults)
+        result, ret, took = recover_timed(faults, project)
+    print(f"LB minion killed mid-drain: the deploy ended (exit {code}); recover took {took:.1f} s, "
+          f"{time.monotonic() - killed_at:.1f} s from the kill; fewest in service: {watcher.min_up}")
+    assert code != 0, out  # the drain never answered: the run failed at its first batch
+    assert result.returncode == 0 and ret["result"], ret
+    assert ret["lb_undone"] == f"drain of {backend(app_ports, 'f3-web1')}", "recover says what it undid"
+    assert lock_free(faults, project)
+    assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, ret, watcher)
+    # The file says what nginx serves: the next reload (anyone's) changes nothing.
+    subprocess.run(shlex.split(nginx["reload_cmd"]), check=True)
+    time.sleep(0.5)
+    assert set(served_through_nginx(nginx, project)) == {backend(app_ports, m) for m in APPS}
+    owners = faults.salt_cli.run("release_lb.drained_by", nginx["upstream"], minion_tgt=LB)
+    assert owners.returncode == 0 and owners.data == {}, "no record of a drain that did not happen"
+    _, history = faults.run("release.history", project, "env=pro", "limit=5", "phases=True")
+    dead = next(row for row in history["runs"] if row["kind"] == "deploy")
+    assert dead["result"] is not None and not dead["result"], dead
+    assert not [p for p in dead["phases"] if p["phase"] == "activate"], "no node switched"
+
+
 def test_master_killed_during_a_reload_then_recover(faults, app_ports, nginx, gates, health_gate):
     project = "kmaster"
     old = first_release(faults, project)
@@ -491,9 +540,7 @@ def test_master_killed_during_a_reload_then_recover(faults, app_ports, nginx, ga
               f"after the kill: {out[-600:]}")
         wait_answering(faults)
         wait_idle(faults)
-        started = time.monotonic()
-        result, ret = faults.run("release.recover", project, "env=pro", "mode=rollback")
-        took = time.monotonic() - started
+        result, ret, took = recover_timed(faults, project)
     print(f"master killed during a reload: recover took {took:.1f} s, {time.monotonic() - killed_at:.1f} s "
           f"from the kill; fewest in service: {watcher.min_up}")
     assert result.returncode == 0 and ret["result"], ret
