@@ -15,7 +15,6 @@ never an error text, a ref as typed, or anything from pillar.
 """
 
 import datetime
-import json
 import logging
 
 import _release_stats as stats_lib
@@ -121,7 +120,7 @@ def env_samples(records, project, env):
 def rollback_counts(rows, figures):
     """Rollback runs, normal and emergency apart, and the deploys that rolled back by themselves."""
     rollbacks = [r for r in rows if r["kind"] == "rollback"]
-    emergency = sum(1 for r in rollbacks if _details(r).get("emergency"))
+    emergency = sum(1 for r in rollbacks if store.details(r).get("emergency"))
     return {"normal": len(rollbacks) - emergency, "emergency": emergency, "auto": figures["auto_rollbacks"]}
 
 
@@ -147,7 +146,7 @@ def node_releases(rows):
     for row in sorted(rows, key=lambda r: r["id"], reverse=True):
         if row["kind"] not in NODE_RUN_KINDS or row["result"] is None:
             continue
-        for minion, node in (_details(row).get("nodes") or {}).items():
+        for minion, node in (store.details(row).get("nodes") or {}).items():
             found.setdefault(minion, node.get("release") if isinstance(node, dict) else None)
     return {m: release for m, release in found.items() if release}
 
@@ -176,9 +175,3 @@ def _number(value):
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
-def _details(row):
-    try:
-        details = json.loads(row.get("details") or "{}")
-    except (TypeError, ValueError):
-        return {}
-    return details if isinstance(details, dict) else {}

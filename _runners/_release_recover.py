@@ -17,13 +17,13 @@ The phases table then says, node by node, how far the run got; the nodes'
 ``current`` link says where it really left them.
 """
 
-import json
 import time
 
 import _release_deploy as deploy_steps
 import _release_fleet as fleet
 import _release_metrics as metrics
 import _release_run as runs
+import _release_store as store
 import _release_switch as switch
 import release_contract as contract
 
@@ -52,7 +52,7 @@ def dead_run(runs):
 
 def _refused(row):
     """A finished run that stopped at its lock or its configuration, before any node step."""
-    return row["result"] is not None and _details(row).get("failed_step") in ("lock", "configure")
+    return row["result"] is not None and store.details(row).get("failed_step") in ("lock", "configure")
 
 
 def unsettled(row):
@@ -61,20 +61,12 @@ def unsettled(row):
     could not read back (a master restarted under it, a minion that stopped
     answering): they may still run the failed release, so recover looks.
     """
-    details = _details(row)
+    details = store.details(row)
     if row["result"] is None or row["result"] or details.get("recovered_by"):
         return {}
     nodes = details.get("nodes") or {}
     return {m: node["previous"] for m, node in sorted(nodes.items())
             if isinstance(node, dict) and node.get("release") is None and node.get("previous")}
-
-
-def _details(row):
-    try:
-        details = json.loads(row.get("details") or "{}")
-    except (TypeError, ValueError):
-        return {}
-    return details if isinstance(details, dict) else {}
 
 
 def journal(details):
@@ -135,7 +127,7 @@ def recover(run, mode):
 def _close_dead(run, dead, mode):
     run.records.finish_run(dead["id"], False, dead.get("duration_s"), (dead["error"] or "the run died mid-rollout")
                            + f"; recovered by run {run.record_id} ({mode}, {run.author})",
-                           dict(_details(dead), recovered_by=run.record_id))
+                           dict(store.details(dead), recovered_by=run.record_id))
 
 
 def _dead_run(run, mode):
@@ -143,7 +135,7 @@ def _dead_run(run, mode):
     if run.error:
         raise runs.DeployError(run.error)
     dead = dead_run(run.records.runs(run.project, run.env, limit=50, kinds=RECOVERABLE))
-    found = journal(_details(dead))
+    found = journal(store.details(dead))
     run.facts["recovered_run"] = dead["id"]
     left = unsettled(dead)
     if left:  # a failed run, not a dead one: only the nodes it lost track of, and only back

@@ -83,6 +83,15 @@ def now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
+def details(row):
+    """A run row's ``details`` JSON as a dict ({} when absent or not an object)."""
+    try:
+        found = json.loads(row.get("details") or "{}")
+    except (TypeError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 class SqliteDialect:
     """The embedded default: one file per master, the file lock beside it."""
 
