@@ -23,7 +23,7 @@ from pytestshellutils.utils.ports import get_unused_localhost_port
 from tests.conftest import REPO_ROOT, git, make_app_repo, make_file_root, runner_return, start_cluster
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -112,7 +112,9 @@ def browser():
 
 
 def wait(driver, condition, timeout_s=60):
-    return WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(condition)
+    # A redraw between two WebDriver calls leaves stale elements: poll again, as a user would look again.
+    return WebDriverWait(driver, timeout_s, poll_frequency=0.2,
+                         ignored_exceptions=(StaleElementReferenceException,)).until(condition)
 
 
 def log_in(driver, mc, user):
@@ -137,8 +139,13 @@ def choose(driver, select_id, value):
 
 
 def shown_nodes(driver):
-    rows = driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr[data-minion]")
-    return {r.get_attribute("data-minion"): r.find_elements(By.TAG_NAME, "td")[1].text for r in rows}
+    # Read the table in one script: the page redraws it on every event, and elements found in
+    # one WebDriver call may be gone by the next (StaleElementReferenceException).
+    return driver.execute_script(
+        "const shown = {};"
+        "for (const row of document.querySelectorAll('#nodes tbody tr[data-minion]'))"
+        "  shown[row.dataset.minion] = row.querySelectorAll('td')[1].innerText.trim();"
+        "return shown;")
 
 
 def current(mc, minion):
