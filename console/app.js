@@ -446,7 +446,9 @@ function showPhase(minion, phase, data) {
     tbody.appendChild(tr);
   }
   const ok = data.result !== false;
-  const chip = el("span", phase + (data.duration_s !== undefined ? " " + data.duration_s + "s" : ""), "phase" + (ok ? "" : " failed"));
+  // A node reports "configure" twice per deploy: its dry run in the config check, then the real render at install.
+  const label = phase === "configure" && data.dry_run ? "config check" : phase;
+  const chip = el("span", label + (data.duration_s !== undefined ? " " + data.duration_s + "s" : ""), "phase" + (ok ? "" : " failed"));
   chip.dataset.phase = phase;
   if (!ok && data.error) chip.title = String(data.error);
   tr.cells[1].appendChild(chip);

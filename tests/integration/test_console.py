@@ -236,6 +236,13 @@ def test_deploy_from_the_page_shows_phases_as_they_arrive(mc, browser):
     assert all(deployed[m] != before[m] and "_v1.1.0_" in deployed[m] and deployed[m] in final for m in MINIONS)
     phases = {c.get_attribute("data-phase") for c in browser.find_elements(By.CSS_SELECTOR, "#phases .phase")}
     assert {"install", "activate"} <= phases, phases
+    chips = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#phases .phase'))"
+        ".map((c) => [c.closest('tr').dataset.minion, c.textContent]);")
+    for minion in MINIONS:  # the dry run and the real render are told apart, each shown once
+        texts = [text for shown, text in chips if shown == minion]
+        assert sum(t.startswith("config check") for t in texts) == 1, texts
+        assert sum(t.startswith("configure") for t in texts) <= 1, texts
     wait(browser, lambda d: shown_nodes(d) == deployed)
     assert runs(mc)[-1]["trigger"] == "console" and runs(mc)[-1]["who"] == "alice"
     browser.save_screenshot(os.path.join(ARTIFACTS, "console-deploy.png"))
