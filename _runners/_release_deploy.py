@@ -141,8 +141,13 @@ def stage(run):
 
 def plan(run):
     """Find each wave's nodes, cut them into batches and read what each node runs now."""
-    run.waves = switch.waves(run)
+    survey(run)
     run.previous = current_releases(run)
+
+
+def survey(run):
+    """Each wave's nodes and batches and each node's address, from the master's own view: no round trip."""
+    run.waves = switch.waves(run)
     run.hosts = hosts(run)
     for wave in run.waves:
         batches = " | ".join(", ".join(batch) for batch in wave.batches)

@@ -19,6 +19,11 @@ DEFAULT_PRESENCE_TIMEOUT_S = 3
 # A minion that returned a job this recently is not probed again: the probe is one more
 # round trip, and inside one run the next call follows the last within a second or two.
 FRESH_S = 10
+# How long a call waits before it first asks the nodes that have not answered whether its
+# job still runs there (Salt's saltutil.find_job, asked again every gather_job_timeout): a
+# minion killed or restarted mid-call is given up on this long (plus one gather_job_timeout)
+# after the publish, not after the call's whole timeout (300 s for an install).
+LIVENESS_S = 10
 NO_ANSWER = "no answer"
 PROBE_UNANSWERED = "did not answer a presence probe"
 _LOCAL = threading.local()  # this thread's LocalClients, see _client
@@ -79,9 +84,7 @@ def run_on(opts, minions, fun, arg=(), kwarg=None, timeout_s=60, presence_timeou
     here = [m for m in minions if m not in absent]
     returns = {}
     if here:
-        returns = _client(opts).cmd(
-            here, fun, arg=list(arg), kwarg=kwarg or {}, tgt_type="list", timeout=timeout_s, full_return=True,
-        )
+        returns = _call(_client(opts), here, fun, arg, kwarg, timeout_s)
         answered = [m for m, full in returns.items() if isinstance(full, dict) and "ret" in full]
         _note_answers(answered)
         if set(here) - set(answered):
@@ -91,6 +94,30 @@ def run_on(opts, minions, fun, arg=(), kwarg=None, timeout_s=60, presence_timeou
         if minion in absent else _outcome(returns.get(minion), timeout_s)
         for minion in minions
     }
+
+
+def _call(client, minions, fun, arg, kwarg, timeout_s):
+    """
+    Publish ``fun`` to ``minions`` and gather their full returns for at most
+    ``timeout_s``. Salt's ``LocalClient.cmd`` first asks whether the job
+    still runs after the whole timeout, then waits as long as it does; here
+    the first question comes after LIVENESS_S (a node that lost the job is
+    given up on then), and ``timeout_s`` ends the wait whatever the nodes say
+    (a job that hangs).
+    """
+    pub = client.run_job(minions, fun, arg=list(arg), kwarg=kwarg or {}, tgt_type="list", timeout=timeout_s,
+                         listen=True)
+    if not pub:
+        return {}
+    deadline = time.monotonic() + timeout_s
+    returns = {}
+    for answer in client.get_iter_returns(pub["jid"], pub["minions"], timeout=min(LIVENESS_S, timeout_s),
+                                          block=False):
+        if answer:
+            returns.update(answer)
+        elif time.monotonic() > deadline:
+            break
+    return returns
 
 
 def present(opts, minions, timeout_s):

@@ -38,13 +38,13 @@ class NothingToRecover(Exception):
 def dead_run(runs):
     """
     The newest deploy/rollback row (``runs`` newest first) when it never
-    finished, or failed leaving nodes it could not read back (see
-    ``unsettled``). Runs refused before they held the lock (locked, bad
+    finished, or failed leaving nodes on its release or out of the load
+    balancer (see ``unsettled``, ``left_drained``). Runs refused before they held the lock (locked, bad
     input) touched no node: they never shadow the dead run before them.
     """
     for row in runs:
         if row["kind"] in RECOVERABLE and not _refused(row):
-            if row["result"] is not None and not unsettled(row):
+            if row["result"] is not None and not (unsettled(row) or left_drained(row)):
                 raise NothingToRecover(f"the last {row['kind']} (run {row['id']}) finished: nothing to recover")
             return row
     raise NothingToRecover("no deploy or rollback on record: nothing to recover")
@@ -57,16 +57,32 @@ def _refused(row):
 
 def unsettled(row):
     """
-    ``{minion: previous release}`` of a failed run's nodes whose release it
-    could not read back (a master restarted under it, a minion that stopped
-    answering): they may still run the failed release, so recover looks.
+    ``{minion: previous release}`` of the nodes a failed run may have left
+    on its release: those it could not read back (a master restarted under
+    it, a minion that stopped answering) and, for a deploy, those it read
+    back on the new release (its rollback could not take them back, or there
+    was none), so recover looks.
     """
     details = store.details(row)
     if row["result"] is None or row["result"] or details.get("recovered_by"):
         return {}
+
+    def left_on_it(node):
+        if node.get("release") is None:
+            return True
+        return row["kind"] == "deploy" and node["release"] == row["release"] != node["previous"]
+
     nodes = details.get("nodes") or {}
     return {m: node["previous"] for m, node in sorted(nodes.items())
-            if isinstance(node, dict) and node.get("release") is None and node.get("previous")}
+            if isinstance(node, dict) and node.get("previous") and left_on_it(node)}
+
+
+def left_drained(row):
+    """The backends a failed run still had out of the load balancer when it ended (its journal's last word)."""
+    details = store.details(row)
+    if row["result"] is None or row["result"] or details.get("recovered_by"):
+        return []
+    return (journal(details) or {}).get("drained") or []
 
 
 def journal(details):
@@ -109,7 +125,7 @@ def recover(run, mode):
         _settle_lb(run)
         dead = _dead_run(run, mode)
         with runs.Locked(run, f"recover ({mode}) of run {dead['id']}", 0, take_over=True):
-            if not run.targets:
+            if not run.targets and dead["result"] is None:
                 _close_dead(run, dead, mode)
                 raise NothingToRecover(f"run {dead['id']} died before its first switch: no node to recover")
             runs.run_steps(run, (survey, settle, finish if mode == "finish" else send_back, settle))
@@ -137,11 +153,13 @@ def _dead_run(run, mode):
     dead = dead_run(run.records.runs(run.project, run.env, limit=50, kinds=RECOVERABLE))
     found = journal(store.details(dead))
     run.facts["recovered_run"] = dead["id"]
-    left = unsettled(dead)
-    if left:  # a failed run, not a dead one: only the nodes it lost track of, and only back
+    if dead["result"] is not None:  # a failed run, not a dead one: what it left behind, and only back
         if mode == "finish":
             raise runs.DeployError(f"run {dead['id']} failed: mode=finish cannot take it forward; use mode=rollback")
-        run.targets, run.previous = dict.fromkeys(left, dead["release"]), left
+        nodes = {m: n for m, n in (store.details(dead).get("nodes") or {}).items() if isinstance(n, dict)}
+        run.targets = dict.fromkeys(unsettled(dead), dead["release"])
+        run.previous = {m: node.get("previous") for m, node in nodes.items()}  # every node of it is surveyed
+        run.facts["dead_run_drained"] = left_drained(dead)
     elif found:
         run.targets, run.previous = found["targets"], found["previous"]
         run.name, run.source_url, run.sha256 = dead["release"], found["source_url"], found["sha256"]
@@ -154,7 +172,7 @@ def _dead_run(run, mode):
 def survey(run):
     """Where the dead run left each node: its current release, and whether the load balancer has it down."""
     run.waves = switch.waves(run)
-    switch.keep_in_waves(run, run.targets)
+    switch.keep_in_waves(run, set(run.targets) | set(run.previous))
     run.hosts = deploy_steps.hosts(run)
     listed = fleet.run_on(run.opts, run.minions, "release.list", arg=[run.project],
                           timeout_s=run.config["timeout_s"])
@@ -180,7 +198,7 @@ def send_back(run):
     """Send the nodes the dead run switched back to their previous release; mark its release bad."""
     found = run.facts.get("found") or {}
     back = to_send_back(run.targets, run.previous, found)
-    for minion in set(run.targets) - set(back):
+    for minion in (set(run.targets) | set(run.previous)) - set(back):  # read back, left where they are
         run.nodes[minion] = contract.node_result(True, found.get(minion), found.get(minion))
     run.targets, run.previous = back, {m: found.get(m) for m in run.targets}
     if back:

@@ -1,11 +1,13 @@
 """
 The rollback pipeline, under the deploy lock, then ``_release_run.conclude``:
 
-    normal:            plan -> choose -> switch_back     (the deploy's rollout)
+    normal:            survey -> choose -> switch_back   (the deploy's rollout)
     emergency, to=X:   locate -> choose -> switch_all
     emergency:         locate -> switch_all              (each node picks its own target)
 
-``plan`` is the deploy's step; the releases the nodes leave are marked bad.
+``survey`` is the deploy's plan without its round trip: ``choose`` reads what
+each node runs in the same call that lists its releases. The releases the
+nodes leave are marked bad.
 """
 
 import time
@@ -22,7 +24,7 @@ DeployError = runs.DeployError
 def rollback(run, wait, emergency=False):
     run.facts["emergency"] = bool(emergency)  # recorded even when refused: the metrics count rollbacks by kind
     if not emergency:
-        steps = (deploy_steps.plan, choose, switch_back)
+        steps = (deploy_steps.survey, choose, switch_back)
     elif run.to:
         steps = (locate, choose, switch_all)
     else:  # the fastest path: one round trip, each node picks its own target
@@ -45,6 +47,7 @@ def choose(run):
         run.targets = node_state.rollback_targets(listed, run.to)
     except node_state.RollbackRefused as exc:
         raise DeployError(str(exc))
+    run.previous = {m: node["current"] for m, (_, node) in listed.items()}  # every node answered
     releases = sorted(set(run.targets.values()))
     runs.say(run, "rolling back to " + ", ".join(releases))
     if len(releases) == 1:  # the whole environment on one release: highstate's published release too

@@ -15,7 +15,10 @@ After any failed node phase the engine reads what the node really runs
 (``release.current``) and reports that (phase ``readback``), never the
 release it meant to set; a node it cannot read stays drained. The load
 balancer gets back only the backends this run took out: one an operator had
-down before stays down.
+down before stays down. A put-back the load balancer does not make is asked
+once more (a load-balancer minion restarted mid-edit undoes that edit at its
+next call); when it still fails the rollout stops: the next batch would take
+more nodes out while these cannot come back.
 
 The same engine switches nodes to any per-node release: a deploy sends every
 node to the new release, a rollback sends each node to its own target.
@@ -93,6 +96,7 @@ class Outcome:
     failed_checks: list = dataclasses.field(default_factory=list)
     sent_back: list = dataclasses.field(default_factory=list)  # nodes ``back`` took on: each is tried once
     stopped: str = None
+    held: str = None  # why ``back`` left switched nodes where they are
 
 
 class Rollout:
@@ -118,6 +122,7 @@ class Rollout:
         self.ours = set()  # the backends this run drained: the only ones it may put back
         self.errors = {}  # the last failure of each node, for the readback's report
         self.unconfirmed = {}  # healthy node -> the release it passed its check on, not yet recorded
+        self._lb_error = None  # what the last failed load-balancer call said
 
     # ------------------------------------------------------------ waves
 
@@ -133,6 +138,8 @@ class Rollout:
                 outcome.switched.extend(switched)
                 failed_here.extend(failed)
                 self._revert_failed(failed, outcome)
+                if outcome.stopped:
+                    break
                 if len(failed_here) > wave.budget:
                     outcome.stopped = (
                         f"wave {wave.name}: {len(failed_here)} node(s) failed ({', '.join(failed_here)}), "
@@ -201,7 +208,18 @@ class Rollout:
         targets = {m: self.previous.get(m) for m in minions}
         for minion in [m for m in minions if not targets[m]]:
             self._report(minion, "rollback", False, 0, "no previous release to go back to", None)
-        for batch in self._rollback_batches([m for m in reversed(minions) if targets[m]]):
+        order = [m for m in reversed(minions) if targets[m]]
+        for batch in self._rollback_batches(order):
+            still_out = self.ours - {self._backend(m) for m in batch}
+            allowed = self._batch_size_of(batch[0])
+            if self.lb and len(still_out) + len(batch) > allowed:
+                # A node this run could not put back (its release unknown, or it failed its
+                # check again) already takes a place: sending more back would drain too many.
+                outcome.held = (f"not rolled back: {', '.join(order[order.index(batch[0]):])} "
+                                f"({len(still_out)} node(s) still out, the wave takes {allowed} out at once; "
+                                "release.recover mode=rollback finishes it)")
+                self.say(outcome.held)
+                return
             if not self._drain(batch):
                 continue
             switched, failed = self._switch(batch, targets, phase="rollback")
@@ -209,8 +227,11 @@ class Rollout:
             # A rollback that failed after the switch (its reload) still left the node on its target.
             back_on = switched + [m for m in failed if m in running and running[m] == targets[m]]
             healthy, _ = self._verify(back_on, targets)
-            self._undrain(healthy)
             outcome.reverted.extend(back_on)
+            if not self._undrain(healthy):
+                outcome.held = f"rollback stopped: the load balancer did not put back {', '.join(healthy)}"
+                self.say(outcome.held)
+                return
 
     def _rollback_batches(self, order):
         """``order`` cut into batches of each node's wave's size, keeping the order."""
@@ -220,9 +241,14 @@ class Rollout:
             if batches and wave is batches[-1][0] and len(batches[-1][1]) < size:
                 batches[-1][1].append(minion)
                 continue
-            size = fleet.batch_size(wave.batch, len(wave.minions)) if wave else 1
+            size = self._batch_size_of(minion)
             batches.append((wave, [minion]))
         return [batch for _, batch in batches]
+
+    def _batch_size_of(self, minion):
+        """How many nodes the wave of ``minion`` takes out at once."""
+        wave = self._wave_of(minion)
+        return fleet.batch_size(wave.batch, len(wave.minions)) if wave else 1
 
     def _wave_of(self, minion):
         return next((w for w in self.waves if minion in w.minions), None)
@@ -268,7 +294,11 @@ class Rollout:
         # release is unknown stays out.
         kept = [m for m in failed if running.get(m) and running[m] == self.previous.get(m)]
         unchanged, _ = self._verify(kept, self.previous)
-        self._undrain(healthy + unchanged)
+        if not self._undrain(healthy + unchanged):
+            # Out of service and not coming back: they count as failed, and no later batch starts.
+            outcome.stopped = f"the load balancer did not put back {', '.join(healthy + unchanged)}: {self._lb_error}"
+            sick += healthy
+            healthy = []
         for minion in batch:
             self.done += 1
             verb = "activated" if minion in healthy else "FAILED"
@@ -387,22 +417,30 @@ class Rollout:
         return ok
 
     def _undrain(self, minions):
-        """Put back the nodes whose backend this run took out; leaves an operator's ``down`` alone."""
+        """
+        Put back the nodes whose backend this run took out; leaves an
+        operator's ``down`` alone. Asked twice before it counts as failed.
+        """
         mine = [m for m in minions if self.lb and self._backend(m) in self.ours]
-        ok, _ = self._balance(mine, "undrain")
+        ok, _ = self._balance(mine, "undrain", tries=2)
         if ok:
             self.ours.difference_update(self._backend(m) for m in mine)
         return ok
 
-    def _balance(self, minions, phase):
+    def _balance(self, minions, phase, tries=1):
         """Drain or undrain nodes in one load-balancer call; (ok, its return); ok without an LB."""
         if not self.lb or not minions:
             return True, None
         started = time.monotonic()
         backends = [self._backend(m) for m in minions]
         kwarg = {k: self.lb[k] for k in ("kind", "test_cmd", "reload_cmd") if k in self.lb}
-        ok, value = self._call([self.lb["minion"]], f"release_lb.{phase}",
-                               arg=[self.lb["upstream_file"], backends], kwarg=kwarg)[self.lb["minion"]]
+        for attempt in range(1, tries + 1):
+            ok, value = self._call([self.lb["minion"]], f"release_lb.{phase}",
+                                   arg=[self.lb["upstream_file"], backends], kwarg=kwarg)[self.lb["minion"]]
+            if ok or attempt == tries:
+                break
+            self.say(f"load balancer {phase} of {', '.join(backends)} failed ({value}); asking once more")
+        self._lb_error = None if ok else value
         for minion in minions:
             self._report(minion, phase, ok, time.monotonic() - started, None if ok else value, None)
         return ok, value

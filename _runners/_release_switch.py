@@ -47,7 +47,8 @@ def roll(run, targets, **activate_kwarg):
         # on the others, and one stopped by a node-local error never ran: both stay eligible.
         run.records.mark_bad(run.project, run.env, failed_checks, run.record_id)
     if outcome.stopped:
-        raise runs.DeployError(outcome.stopped + ("; switched nodes were rolled back" if outcome.reverted else ""))
+        said = [outcome.stopped] + (["switched nodes were rolled back"] if outcome.reverted else [])
+        raise runs.DeployError("; ".join(said + ([outcome.held] if outcome.held else [])))
     return [m for m in outcome.switched if m not in outcome.reverted]
 
 

@@ -4,7 +4,8 @@ Stopping a real run at an exact phase, and killing a real process there.
 - ``Gates``: a shell script the test's stack reload and the load balancer's
   ``test_cmd`` go through. Armed (``arm(name, skip)``), the ``skip+1``-th call
   of ``name`` blocks, says so (``<name>.reached``), and waits until the test
-  opens it; unarmed it just runs the command after it.
+  opens it (or, armed with ``how="fail"``, exits 1); unarmed it just runs the
+  command after it.
 - ``HealthGate``: the environment's health URL; it forwards to the app node,
   or, armed for a node, blocks (``hang``) or answers 500 (``fail``).
 - ``BusWatcher``: waits for an event tag on the master's bus (the phases the
@@ -32,11 +33,12 @@ GATE_SCRIPT = """\
 # gate NAME [command...]: when NAME is armed, skip its count of calls, then block until opened
 dir=$(dirname "$0"); name=$1; shift
 if [ -e "$dir/$name.armed" ]; then
-  skip=$(cat "$dir/$name.armed")
+  read -r skip how < "$dir/$name.armed"
   if [ "${skip:-0}" -gt 0 ]; then
-    echo $((skip - 1)) > "$dir/$name.armed"
+    echo "$((skip - 1)) $how" > "$dir/$name.armed"
   else
     rm -f "$dir/$name.armed"; touch "$dir/$name.reached"
+    [ "$how" = fail ] && { echo "gate $name: failed as armed" >&2; exit 1; }
     while [ ! -e "$dir/$name.open" ]; do sleep 0.05; done
     rm -f "$dir/$name.open"
   fi
@@ -57,10 +59,11 @@ class Gates:
     def command(self, name, *argv):
         return " ".join((self.script, name, *argv))
 
-    def arm(self, name, skip=0):
+    def arm(self, name, skip=0, how="hold"):
+        """The ``skip+1``-th call of ``name`` blocks until opened (``hold``) or exits 1 (``fail``)."""
         self._clear(name)
         with open(self._path(name, "armed"), "w", encoding="utf-8") as handle:
-            handle.write(f"{skip}\n")
+            handle.write(f"{skip} {how}\n")
 
     def wait_reached(self, name, timeout_s=90):
         deadline = time.monotonic() + timeout_s
@@ -160,12 +163,16 @@ class HealthGate:
 
 
 class BusWatcher:
-    """Waits, in a thread, for the first event whose tag ends with ``suffix`` under ``prefix``."""
+    """
+    Waits, in a thread, for the first event whose tag ends with ``suffix``
+    under ``prefix`` (and, given ``fun``, whose data names that function: a
+    job's ``salt/job/<jid>/new``, fired as the master publishes it).
+    """
 
-    def __init__(self, master_config, prefix, suffix):
+    def __init__(self, master_config, prefix, suffix, fun=None):
         self.seen = threading.Event()
         self.bus = salt.utils.event.get_master_event(master_config, master_config["sock_dir"], listen=True)
-        self.prefix, self.suffix = prefix, suffix
+        self.prefix, self.suffix, self.fun = prefix, suffix, fun
         self.stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -173,7 +180,7 @@ class BusWatcher:
     def _run(self):
         while not self.stop and not self.seen.is_set():
             event = self.bus.get_event(wait=0.2, tag=self.prefix, full=True)
-            if event and event["tag"].endswith(self.suffix):
+            if event and event["tag"].endswith(self.suffix) and self.fun in (None, event["data"].get("fun")):
                 self.seen.set()
 
     def wait(self, timeout_s=90):

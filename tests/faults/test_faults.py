@@ -32,8 +32,13 @@ LB = "f3-lb"
 PROJECTS = ("lbfail", "wavebad", "opdown", "readback", "gone")
 # One project per kill -9 cell (and the hanging check): every cell starts from a fresh history.
 RUNNER_PHASES = ("install", "drain", "activate", "verify", "undrain", "rollback")
+# The phases where a kill -9 of a minion or of the master is not in a test of its own below:
+# (phase, the minion that works at that phase).
+MINION_PHASES = (("install", "f3-web1"), ("verify", "f3-web1"), ("undrain", LB), ("rollback", "f3-web2"))
+MASTER_PHASES = ("install", "drain", "verify", "undrain", "rollback")
 KILLED = tuple(f"kr{phase}" for phase in RUNNER_PHASES) + (
-    "krfinish", "kropdown", "kminion", "klb", "kmaster", "hang")
+    tuple(f"kmi{phase}" for phase, _ in MINION_PHASES) + tuple(f"kma{phase}" for phase in MASTER_PHASES)
+) + ("krfinish", "kropdown", "kminion", "klb", "kmaster", "hang", "klbundrain")
 
 PILLAR = textwrap.dedent(
     """\
@@ -137,6 +142,7 @@ def faults(salt_factories, app_repo, tmp_path_factory, app_ports, nginx, gates, 
     with start_cluster(salt_factories, "f3", file_root, release_config, pillar, str(nodes_root),
                        minion_ids=(LB,) + APPS, grains=grains, pillar_files={"breaks.json": "{}"}) as cluster:
         servers = [start_app_server(os.path.join(str(nodes_root), m), app_ports[m]) for m in APPS]
+        cluster.upstream_file = nginx["upstream"]
         yield cluster
         for server in servers:
             server.shutdown()
@@ -174,6 +180,8 @@ def deploy(cluster, project, ref, *extra):
 
 def first_release(cluster, project):
     """Every node on v1.0.0, nothing drained: the start of each fault."""
+    # The cells share one nginx: a backend an earlier cell left out would be blamed on this one.
+    assert upstream_down(cluster.upstream_file) == set(), "an earlier cell left a backend out of nginx"
     result, ret = deploy(cluster, project, "v1.0.0")
     errors = {m: n.get("error") for m, n in ret["nodes"].items()}
     assert result.returncode == 0 and ret["result"], (ret.get("error"), errors)
@@ -332,8 +340,8 @@ def hold(cluster, gates, health_gate, project, phase):
     Arm the gate where ``phase`` of ``project``'s next deploy (batch 1, f3-web1
     first) will block; returns (wait until it is reached, open it).
     """
-    if phase == "install":  # the nodes report it themselves: the first node done installing
-        watcher = BusWatcher(cluster.master.config, f"release/{project}/pro/", "/install")
+    if phase == "install":  # the install call, as the master publishes it to the nodes
+        watcher = BusWatcher(cluster.master.config, "salt/job/", "/new", fun="release.install")
         return watcher.wait, watcher.close
     if phase in ("drain", "undrain"):  # the LB's config check: 1st call drains f3-web1, 2nd puts it back
         name = f"lb-{project}"
@@ -580,3 +588,89 @@ def test_a_hanging_health_check_times_out_and_fails(faults, app_ports, nginx, he
     # retries x timeout, the pauses between, and a little for the machine
     assert verify[0]["duration_s"] <= health["retries"] * (health["timeout_s"] + health["interval_s"]) + 2
     assert_consistent(faults, nginx, app_ports, project, {m: old for m in APPS}, ret, watcher)
+
+
+# ---------------------------------------------------------------- kill -9 of a minion or the master at the other phases
+
+
+def restart(daemon):
+    """A daemon killed with kill -9 comes back, as systemd's ``Restart=`` brings it back."""
+    daemon.terminate()
+    daemon.start(start_timeout=120)
+
+
+def daemon_of(cluster, who):
+    return cluster.master if who == "master" else cluster.minions[((LB,) + APPS).index(who)]
+
+
+def kill_at_phase_then_recover(cluster, nginx, gates, health_gate, project, phase, who):
+    """
+    Deploy v1.1.0; at ``phase`` kill -9 ``who`` (a minion id or "master"), let
+    the held phase go on, restart the daemon, wait for the run's end, then the
+    one operator command: ``release.recover mode=rollback``.
+    """
+    reached, opened = hold(cluster, gates, health_gate, project, phase)
+    daemon = daemon_of(cluster, who)
+    with UpstreamWatcher(nginx["upstream"]) as watcher:
+        runner = Started(cluster, "release.deploy", project, "env=pro", "ref=v1.1.0")
+        reached()
+        kill_tree(daemon.pid)
+        killed_at = time.monotonic()
+        opened()
+        if phase in ("drain", "undrain"):
+            gates.disarm(f"lb-{project}")  # a call the restarted LB minion makes again is not held
+        restart(daemon)
+        code, out = runner.wait(timeout_s=240)
+        ended_s = time.monotonic() - killed_at
+        wait_answering(cluster)
+        wait_idle(cluster)
+        result, ret, took = recover_timed(cluster, project)
+    print(f"{who} killed at {phase}: the deploy ended (exit {code}) {ended_s:.1f} s after the kill; recover took "
+          f"{took:.1f} s, {time.monotonic() - killed_at:.1f} s from the kill; fewest in service: {watcher.min_up}")
+    return code, out, result, ret, watcher
+
+
+def the_deploy(cluster, project):
+    """The fault's run, as its history row says now."""
+    _, history = cluster.run("release.history", project, "env=pro", "limit=5")
+    return next(row for row in history["runs"] if row["kind"] == "deploy")
+
+
+@pytest.mark.parametrize(("phase", "who"), [(phase, who) for phase, who in MINION_PHASES] +
+                         [(phase, "master") for phase in MASTER_PHASES])
+def test_a_daemon_killed_at_a_phase_then_recover(faults, app_ports, nginx, gates, health_gate, phase, who):
+    project = ("kma" if who == "master" else "kmi") + phase
+    old = first_release(faults, project)
+    code, out, result, ret, watcher = kill_at_phase_then_recover(
+        faults, nginx, gates, health_gate, project, phase, who)
+    assert result.returncode == 0 and ret["result"], ret
+    assert lock_free(faults, project)
+    run = the_deploy(faults, project)
+    print(f"  the deploy's error: {run['error']}; recover: {ret.get('comment') or ret.get('recovered_run')}")
+    assert (code == 0) == bool(run["result"]), (code, run, out[-2000:])
+    # A run that ended well took every node to the new release; any other end is the old one everywhere.
+    expected = run["release"] if run["result"] else old
+    if phase == "rollback":
+        assert not run["result"], "f3-web2 failed its check: the run cannot have succeeded"
+    assert_consistent(faults, nginx, app_ports, project, {m: expected for m in APPS}, ret, watcher)
+
+
+def test_lb_check_failure_when_putting_a_node_back(faults, app_ports, nginx, gates, health_gate):
+    """
+    Hostile: the LB's config check fails once, on the undrain of the first
+    node (on the new release, healthy). The run ignored a failed undrain: the
+    node stayed out and the next batch took another one out with it.
+    """
+    project = "klbundrain"
+    first_release(faults, project)
+    gates.arm(f"lb-{project}", skip=1, how="fail")
+    with UpstreamWatcher(nginx["upstream"]) as watcher:
+        started = time.monotonic()
+        result, ret = deploy(faults, project, "v1.1.0")
+        took = time.monotonic() - started
+    print(f"LB check failure at undrain: consistent after {took:.1f} s (exit {result.returncode}); "
+          f"fewest in service: {watcher.min_up}")
+    assert os.path.exists(os.path.join(gates.dir, f"lb-{project}.reached")), "the check did fail once"
+    # Asked once more, the load balancer puts the node back; the rollout goes on.
+    assert result.returncode == 0 and ret["result"], ret
+    assert_consistent(faults, nginx, app_ports, project, {m: ret["release"] for m in APPS}, ret, watcher)

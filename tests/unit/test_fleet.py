@@ -66,22 +66,20 @@ def no_answers_yet(monkeypatch):
 
 
 class FakeClient:
-    """Stands in for salt.client.LocalClient: records the targets of ``cmd``."""
+    """Stands in for salt.client.LocalClient: records the targets of each published job."""
 
     calls = []
 
     def __init__(self, mopts):
         pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def cmd(self, minions, fun, **kwargs):
+    def run_job(self, minions, fun, **kwargs):
         FakeClient.calls.append((list(minions), fun))
-        return {m: {"ret": {"result": True}, "retcode": 0} for m in minions}
+        return {"jid": "1", "minions": list(minions)}
+
+    def get_iter_returns(self, jid, minions, timeout, block):
+        for minion in minions:
+            yield {minion: {"ret": {"result": True}, "retcode": 0}}
 
 
 def test_run_on_calls_only_the_minions_that_answered_the_probe(monkeypatch):
@@ -166,3 +164,36 @@ def test_the_probe_waits_while_answers_keep_coming_and_gives_up_after_silence(mo
     monkeypatch.setattr(fleet, "_client", lambda opts: SlowBus(clock, minions[:29], 0.5))
     assert fleet.present({}, minions, 3) == set(minions[:29])
     assert 14.5 + 3 <= clock[0] <= 14.5 + 3.5  # the one that is gone cost 3 s of silence
+
+
+class HungJob:
+    """A LocalClient whose job never returns on ``hung`` and whose nodes all say it still runs."""
+
+    def __init__(self, clock, hung):
+        self.clock, self.hung, self.asked_after = clock, hung, None
+
+    def run_job(self, minions, fun, **kwargs):
+        return {"jid": "1", "minions": list(minions)}
+
+    def get_iter_returns(self, jid, minions, timeout, block):
+        self.asked_after = timeout
+        for minion in minions:
+            if minion not in self.hung:
+                yield {minion: {"ret": True, "retcode": 0}}
+        while True:  # Salt yields None while it waits (block=False), asking find_job every so often
+            self.clock[0] += 1
+            yield None
+
+
+def test_a_call_asks_early_whether_its_job_runs_and_ends_at_its_timeout(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(fleet.time, "monotonic", lambda: clock[0])
+    client = HungJob(clock, {"web2"})
+    monkeypatch.setattr(fleet, "_client", lambda opts: client)
+    monkeypatch.setattr(fleet, "_forget_client", lambda opts: None)
+    outcomes = fleet.run_on({}, ["web1", "web2"], "release.install", timeout_s=300, presence_timeout_s=0)
+    # Salt's cmd would first ask after the whole 300 s, then wait as long as the job runs.
+    assert client.asked_after == fleet.LIVENESS_S
+    assert outcomes["web1"] == (True, True)
+    assert outcomes["web2"] == (False, "no answer within 300 s (minion down or unreachable)")
+    assert 300 <= clock[0] <= 302, "the wait ends at the call's timeout, whatever the nodes say"

@@ -90,3 +90,22 @@ def test_a_failed_run_that_lost_track_of_a_node_is_recovered_until_it_is():
     known = dict(lost, details=json.dumps({"nodes": dict(nodes, web1={"release": "r1", "previous": "r1"})}))
     with pytest.raises(recovery.NothingToRecover):
         recovery.dead_run([known])
+
+
+def test_a_failed_deploy_that_left_a_node_on_its_release_or_drained_is_recovered():
+    """Its rollback could not finish (a load balancer or master lost mid-way): recover takes over from there."""
+    nodes = {"web1": {"release": "r2", "previous": "r1"}, "web2": {"release": "r1", "previous": "r1"},
+             "web3": {"release": "r2", "previous": "r2"}}  # web3 ran r2 before: nothing to send back
+    left = {"id": 14, "kind": "deploy", "result": 0, "release": "r2", "details": json.dumps({"nodes": nodes})}
+    assert recovery.unsettled(left) == {"web1": "r1"}
+    assert recovery.dead_run([left])["id"] == 14
+    # A failed rollback's nodes on its target are where it sent them: not its to undo.
+    assert recovery.unsettled(dict(left, kind="rollback")) == {}
+    # Back on the old release everywhere, but a node still out of the load balancer.
+    back = {m: {"release": "r1", "previous": "r1"} for m in nodes}
+    out = dict(left, details=json.dumps({"nodes": back, "journal": {"targets": {"web1": "r2"}, "drained": ["b1"]}}))
+    assert recovery.unsettled(out) == {} and recovery.left_drained(out) == ["b1"]
+    assert recovery.dead_run([out])["id"] == 14
+    clean = dict(left, details=json.dumps({"nodes": back, "journal": {"targets": {"web1": "r2"}, "drained": []}}))
+    with pytest.raises(recovery.NothingToRecover):
+        recovery.dead_run([clean])
