@@ -390,8 +390,10 @@ class Rollout:
         if not minions:
             return {}
         started = time.monotonic()
-        readable = [m for m in minions if not fleet.unreachable(self.errors.get(m))]
-        outcomes = self._call(readable, "release.current", arg=[self.project]) if readable else {}
+        # A node that was not there for the call is not asked again; one whose call was lost
+        # (killed or restarted mid-call, its master restarted) is, until it answers or timeout_s.
+        readable = [m for m in minions if fleet.PROBE_UNANSWERED not in str(self.errors.get(m))]
+        outcomes = self._patiently(readable, "release.current", arg=[self.project])
         running = {}
         for minion in minions:
             ok, value = outcomes.get(minion, (False, "it does not answer"))
@@ -403,6 +405,19 @@ class Rollout:
                             f"{self.errors.get(minion)}; its release is unknown (cannot read it back: {value})",
                             None)
         return running
+
+    def _patiently(self, minions, fun, arg=()):
+        """``_call``, asked again each second of ``timeout_s`` of the nodes that do not answer yet."""
+        deadline = time.monotonic() + self.timeout_s
+        outcomes, waiting = {}, list(minions)
+        while waiting:
+            outcomes.update(self._call(waiting, fun, arg=arg))
+            waiting = [m for m in waiting if not outcomes[m][0] and fleet.unreachable(outcomes[m][1])]
+            if waiting and time.monotonic() < deadline:
+                time.sleep(1)
+            else:
+                break
+        return outcomes
 
     def _check(self, minion, release):
         url = health_lib.url_for(self.health, self.hosts.get(minion), minion, self.project)

@@ -113,3 +113,63 @@ def test_what_passed_its_check_is_confirmed_before_a_rollback_takes_it_back(monk
     node_calls = [(fun, minions) for fun, minions in fake.calls if fun.startswith("release.")]
     first_rollback = node_calls.index(("release.activate", ["c"]), node_calls.index(("release.activate", ["c"])) + 1)
     assert ("release.confirm", ["a", "b"]) in node_calls[:first_rollback], node_calls
+
+
+class FlakyFleet(FakeFleet):
+    """A FakeFleet whose first ``failures[fun]`` calls of ``fun`` get no answer from anyone."""
+
+    def __init__(self, failures, down=()):
+        super().__init__(down)
+        self.failures = dict(failures)
+
+    def run_on(self, opts, minions, fun, arg=(), kwarg=None, timeout_s=60, presence_timeout_s=3):
+        if self.failures.get(fun):
+            self.failures[fun] -= 1
+            self.calls.append((fun, "lost"))
+            return {m: (False, f"{fleet.NO_ANSWER} within {timeout_s} s") for m in minions}
+        return super().run_on(opts, minions, fun, arg, kwarg, timeout_s, presence_timeout_s)
+
+
+def test_an_undrain_that_got_no_answer_is_asked_once_more(monkeypatch):
+    fake = FlakyFleet({"release_lb.undrain": 1})
+    roll, _ = engine(fake, monkeypatch)
+    outcome = roll.forward([rollout.Wave("all", ["a", "b"], batch=1)], {"a": "new", "b": "new"})
+    assert outcome.switched == ["a", "b"] and not outcome.stopped and not outcome.failed
+    assert fake.down == set()
+
+
+def test_a_put_back_that_fails_twice_stops_the_rollout(monkeypatch):
+    """Hostile: the next batch used to drain b while a, healthy, could not come back."""
+    fake = FlakyFleet({"release_lb.undrain": 2})
+    roll, _ = engine(fake, monkeypatch)
+    outcome = roll.forward([rollout.Wave("all", ["a", "b"], batch=1)], {"a": "new", "b": "new"})
+    assert "did not put back a" in outcome.stopped and outcome.failed == ["a"]
+    drained = [backends for fun, backends in fake.calls if fun == "release_lb.drain"]
+    assert drained == [["a:80"]], "b was never taken out"
+
+
+def test_a_rollback_never_drains_past_its_batch_while_a_node_is_still_out(monkeypatch):
+    fake = FakeFleet()
+    roll, _ = engine(fake, monkeypatch, auto_rollback=True)
+    waves = [rollout.Wave("all", ["a", "b", "c"], batch=1)]
+
+    def verify(minions, targets):  # b fails on the new release; its rollback cannot be checked either
+        sick = [m for m in minions if m == "b"]
+        return [m for m in minions if m not in sick], sick
+
+    monkeypatch.setattr(roll, "_verify", verify)
+    outcome = roll.forward(waves, {m: "new" for m in ("a", "b", "c")})
+    assert outcome.held and "not rolled back: a" in outcome.held, outcome
+    assert fake.down == {"b:80"}, "only b is out: a was not drained to go back"
+
+
+def test_a_node_that_lost_its_call_is_read_back_once_it_answers_again(monkeypatch):
+    fake = FlakyFleet({"release.current": 2})
+    roll, reports = engine(fake, monkeypatch, timeout_s=30)
+    monkeypatch.setattr(rollout.time, "sleep", lambda s: None)
+    roll.errors["a"] = f"{fleet.NO_ANSWER} within 15 s (minion down or unreachable)"
+    roll.errors["b"] = f"b {fleet.PROBE_UNANSWERED} within 3 s"
+    running = roll._read_back(["a", "b"])
+    assert running == {"a": {"result": True, "release": "app", "duration_s": 0}}
+    assert [c for c in fake.calls if c[0] == "release.current"] == [("release.current", "lost")] * 2 + [
+        ("release.current", ["a"])], "b, absent from the start, is not asked"
