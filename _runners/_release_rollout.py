@@ -210,9 +210,9 @@ class Rollout:
             self._report(minion, "rollback", False, 0, "no previous release to go back to", None)
         order = [m for m in reversed(minions) if targets[m]]
         for batch in self._rollback_batches(order):
-            still_out = self.ours - {self._backend(m) for m in batch}
+            still_out = self.ours - {self._backend(m) for m in batch} if self.lb else set()
             allowed = self._batch_size_of(batch[0])
-            if self.lb and len(still_out) + len(batch) > allowed:
+            if len(still_out) + len(batch) > allowed:
                 # A node this run could not put back (its release unknown, or it failed its
                 # check again) already takes a place: sending more back would drain too many.
                 outcome.held = (f"not rolled back: {', '.join(order[order.index(batch[0]):])} "

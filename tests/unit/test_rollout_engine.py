@@ -173,3 +173,19 @@ def test_a_node_that_lost_its_call_is_read_back_once_it_answers_again(monkeypatc
     assert running == {"a": {"result": True, "release": "app", "duration_s": 0}}
     assert [c for c in fake.calls if c[0] == "release.current"] == [("release.current", "lost")] * 2 + [
         ("release.current", ["a"])], "b, absent from the start, is not asked"
+
+
+def test_a_rollback_without_a_load_balancer(monkeypatch):
+    """Hostile: counting the nodes still out asked a load balancer that is not there (AttributeError)."""
+    fake = FakeFleet()
+    monkeypatch.setattr(fleet, "run_on", fake.run_on)
+    roll = rollout.Rollout({}, "app", "pro", {"auto_rollback": True}, {}, {"a": "old", "b": "old"}, 1,
+                           lambda *args, **kwargs: None, lambda message: None)
+
+    def verify(minions, targets):  # b fails on the new release, passes on the old one
+        sick = [m for m in minions if m == "b" and targets[m] != "old"]
+        return [m for m in minions if m not in sick], sick
+
+    monkeypatch.setattr(roll, "_verify", verify)
+    outcome = roll.forward([rollout.Wave("all", ["a", "b"], batch=1)], {"a": "new", "b": "new"})
+    assert outcome.stopped and sorted(outcome.reverted) == ["a", "b"] and not outcome.held
