@@ -42,12 +42,23 @@ def dead_run(runs):
     balancer (see ``unsettled``, ``left_drained``). Runs refused before they held the lock (locked, bad
     input) touched no node: they never shadow the dead run before them.
     """
-    for row in runs:
-        if row["kind"] in RECOVERABLE and not _refused(row):
-            if row["result"] is not None and not (unsettled(row) or left_drained(row)):
-                raise NothingToRecover(f"the last {row['kind']} (run {row['id']}) finished: nothing to recover")
-            return row
-    raise NothingToRecover("no deploy or rollback on record: nothing to recover")
+    row = newest_run(runs)
+    if row is None:
+        raise NothingToRecover("no deploy or rollback on record: nothing to recover")
+    if row["result"] is not None and not (unsettled(row) or left_drained(row)):
+        raise NothingToRecover(f"the last {row['kind']} (run {row['id']}) finished: nothing to recover")
+    return row
+
+
+def newest_run(runs):
+    """The newest deploy/rollback row that got past its lock and configuration (None: there is none)."""
+    return next((row for row in runs if row["kind"] in RECOVERABLE and not _refused(row)), None)
+
+
+def failed_unrecovered(row):
+    """A run that ended failed and that no recovery has closed yet."""
+    return row is not None and row["result"] is not None and not row["result"] \
+        and not store.details(row).get("recovered_by")
 
 
 def _refused(row):
@@ -64,7 +75,7 @@ def unsettled(row):
     was none), so recover looks.
     """
     details = store.details(row)
-    if row["result"] is None or row["result"] or details.get("recovered_by"):
+    if not failed_unrecovered(row):
         return {}
 
     def left_on_it(node):
@@ -79,10 +90,9 @@ def unsettled(row):
 
 def left_drained(row):
     """The backends a failed run still had out of the load balancer when it ended (its journal's last word)."""
-    details = store.details(row)
-    if row["result"] is None or row["result"] or details.get("recovered_by"):
+    if not failed_unrecovered(row):
         return []
-    return (journal(details) or {}).get("drained") or []
+    return (journal(store.details(row)) or {}).get("drained") or []
 
 
 def journal(details):
@@ -150,7 +160,13 @@ def _dead_run(run, mode):
     """The run to recover and its journal (``run.targets``, ``run.previous``)."""
     if run.error:
         raise runs.DeployError(run.error)
-    dead = dead_run(run.records.runs(run.project, run.env, limit=50, kinds=RECOVERABLE))
+    rows = run.records.runs(run.project, run.env, limit=50, kinds=RECOVERABLE)
+    try:
+        dead = dead_run(rows)
+    except NothingToRecover:
+        dead = _failed_run_the_lb_remembers(run, newest_run(rows))
+        if dead is None:
+            raise
     found = journal(store.details(dead))
     run.facts["recovered_run"] = dead["id"]
     if dead["result"] is not None:  # a failed run, not a dead one: what it left behind, and only back
@@ -245,6 +261,18 @@ def _lb_says_dead_drained(run):
         return set()
     dead = switch.drainer(run, run.facts["recovered_run"])
     return {backend for backend, by in owners.items() if by == dead}
+
+
+def _failed_run_the_lb_remembers(run, row):
+    """
+    ``row`` when it failed and the load balancer still has backends down that
+    it drained: a drain whose answer was lost (its master restarted) is in no
+    journal, only in the load balancer's ``by`` record.
+    """
+    if not failed_unrecovered(row) or not run.environment.get("lb"):
+        return None
+    run.facts["recovered_run"] = row["id"]
+    return row if _lb_says_dead_drained(run) else None
 
 
 def _settle_lb(run):

@@ -616,9 +616,9 @@ def kill_at_phase_then_recover(cluster, nginx, gates, health_gate, project, phas
         reached()
         kill_tree(daemon.pid)
         killed_at = time.monotonic()
-        opened()
         if phase in ("drain", "undrain"):
-            gates.disarm(f"lb-{project}")  # a call the restarted LB minion makes again is not held
+            gates.disarm(f"lb-{project}")  # a call the LB minion makes again is not held
+        opened()  # after disarming: disarm would take the opening away from a gate still held
         restart(daemon)
         code, out = runner.wait(timeout_s=240)
         ended_s = time.monotonic() - killed_at
