@@ -39,8 +39,9 @@ def dead_run(runs):
     """
     The newest deploy/rollback row (``runs`` newest first) when it never
     finished, or failed leaving nodes on its release or out of the load
-    balancer (see ``unsettled``, ``left_drained``). Runs refused before they held the lock (locked, bad
-    input) touched no node: they never shadow the dead run before them.
+    balancer (see ``unsettled``, ``left_drained``). Runs refused before they
+    held the lock (locked, bad input) touched no node: they never shadow the
+    dead run before them.
     """
     row = newest_run(runs)
     if row is None:
@@ -74,7 +75,6 @@ def unsettled(row):
     back on the new release (its rollback could not take them back, or there
     was none), so recover looks.
     """
-    details = store.details(row)
     if not failed_unrecovered(row):
         return {}
 
@@ -83,7 +83,7 @@ def unsettled(row):
             return True
         return row["kind"] == "deploy" and node["release"] == row["release"] != node["previous"]
 
-    nodes = details.get("nodes") or {}
+    nodes = store.details(row).get("nodes") or {}
     return {m: node["previous"] for m, node in sorted(nodes.items())
             if isinstance(node, dict) and node.get("previous") and left_on_it(node)}
 
@@ -167,12 +167,13 @@ def _dead_run(run, mode):
         dead = _failed_run_the_lb_remembers(run, newest_run(rows))
         if dead is None:
             raise
-    found = journal(store.details(dead))
+    details = store.details(dead)
+    found = journal(details)
     run.facts["recovered_run"] = dead["id"]
     if dead["result"] is not None:  # a failed run, not a dead one: what it left behind, and only back
         if mode == "finish":
             raise runs.DeployError(f"run {dead['id']} failed: mode=finish cannot take it forward; use mode=rollback")
-        nodes = {m: n for m, n in (store.details(dead).get("nodes") or {}).items() if isinstance(n, dict)}
+        nodes = {m: n for m, n in (details.get("nodes") or {}).items() if isinstance(n, dict)}
         run.targets = dict.fromkeys(unsettled(dead), dead["release"])
         run.previous = {m: node.get("previous") for m, node in nodes.items()}  # every node of it is surveyed
         run.facts["dead_run_drained"] = left_drained(dead)
@@ -239,8 +240,8 @@ def settle(run):
         down = engine.drained(sorted(run.facts.get("found") or run.nodes))
     if not down:
         return
-    ours = to_settle(down, {m: engine.backend(m) for m in down},
-                     set(run.facts.get("dead_run_drained") or ()) | _lb_says_dead_drained(run))
+    dead_drained = set(run.facts.get("dead_run_drained") or ()) | _lb_says_drained_by(run, run.facts["recovered_run"])
+    ours = to_settle(down, {m: engine.backend(m) for m in down}, dead_drained)
     left = sorted(set(down) - set(ours))
     if left:
         runs.say(run, f"left down (the dead run did not drain them): {', '.join(left)}")
@@ -251,15 +252,15 @@ def settle(run):
     run.facts["drained"] = [m for m in run.facts.get("drained", []) if m not in back_in]
 
 
-def _lb_says_dead_drained(run):
-    """The backends the load balancer remembers the dead run draining (its last drain may be in no journal)."""
+def _lb_says_drained_by(run, record_id):
+    """The backends the load balancer remembers run ``record_id`` draining (its last drain may be in no journal)."""
     lb = run.environment["lb"]
     ok, owners = fleet.run_on(run.opts, [lb["minion"]], "release_lb.drained_by", arg=[lb["upstream_file"]],
                               timeout_s=run.config["timeout_s"])[lb["minion"]]
     if not ok:
         runs.say(run, f"load balancer {lb['minion']} cannot say who drained what: {owners}")
         return set()
-    dead = switch.drainer(run, run.facts["recovered_run"])
+    dead = switch.drainer(run, record_id)
     return {backend for backend, by in owners.items() if by == dead}
 
 
@@ -271,8 +272,7 @@ def _failed_run_the_lb_remembers(run, row):
     """
     if not failed_unrecovered(row) or not run.environment.get("lb"):
         return None
-    run.facts["recovered_run"] = row["id"]
-    return row if _lb_says_dead_drained(run) else None
+    return row if _lb_says_drained_by(run, row["id"]) else None
 
 
 def _settle_lb(run):

@@ -122,7 +122,6 @@ class Rollout:
         self.ours = set()  # the backends this run drained: the only ones it may put back
         self.errors = {}  # the last failure of each node, for the readback's report
         self.unconfirmed = {}  # healthy node -> the release it passed its check on, not yet recorded
-        self._lb_error = None  # what the last failed load-balancer call said
 
     # ------------------------------------------------------------ waves
 
@@ -228,7 +227,8 @@ class Rollout:
             back_on = switched + [m for m in failed if m in running and running[m] == targets[m]]
             healthy, _ = self._verify(back_on, targets)
             outcome.reverted.extend(back_on)
-            if not self._undrain(healthy):
+            put_back_ok, _ = self._undrain(healthy)
+            if not put_back_ok:
                 outcome.held = f"rollback stopped: the load balancer did not put back {', '.join(healthy)}"
                 self.say(outcome.held)
                 return
@@ -294,9 +294,11 @@ class Rollout:
         # release is unknown stays out.
         kept = [m for m in failed if running.get(m) and running[m] == self.previous.get(m)]
         unchanged, _ = self._verify(kept, self.previous)
-        if not self._undrain(healthy + unchanged):
+        put_back = healthy + unchanged
+        put_back_ok, error = self._undrain(put_back)
+        if not put_back_ok:
             # Out of service and not coming back: they count as failed, and no later batch starts.
-            outcome.stopped = f"the load balancer did not put back {', '.join(healthy + unchanged)}: {self._lb_error}"
+            outcome.stopped = f"the load balancer did not put back {', '.join(put_back)}: {error}"
             sick += healthy
             healthy = []
         for minion in batch:
@@ -434,13 +436,14 @@ class Rollout:
     def _undrain(self, minions):
         """
         Put back the nodes whose backend this run took out; leaves an
-        operator's ``down`` alone. Asked twice before it counts as failed.
+        operator's ``down`` alone. Asked twice before it counts as failed;
+        returns (ok, the load balancer's return or error).
         """
         mine = [m for m in minions if self.lb and self._backend(m) in self.ours]
-        ok, _ = self._balance(mine, "undrain", tries=2)
+        ok, value = self._balance(mine, "undrain", tries=2)
         if ok:
             self.ours.difference_update(self._backend(m) for m in mine)
-        return ok
+        return ok, value
 
     def _balance(self, minions, phase, tries=1):
         """Drain or undrain nodes in one load-balancer call; (ok, its return); ok without an LB."""
@@ -455,7 +458,6 @@ class Rollout:
             if ok or attempt == tries:
                 break
             self.say(f"load balancer {phase} of {', '.join(backends)} failed ({value}); asking once more")
-        self._lb_error = None if ok else value
         for minion in minions:
             self._report(minion, phase, ok, time.monotonic() - started, None if ok else value, None)
         return ok, value

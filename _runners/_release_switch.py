@@ -92,9 +92,9 @@ class JournalledRollout(rollout.Rollout):
 
     def _undrain(self, minions):
         before = set(self.ours)
-        ok = super()._undrain(minions)
+        answer = super()._undrain(minions)
         self._journal(before)
-        return ok
+        return answer
 
     def _journal(self, before):
         if self.on_change and self.ours != before:
